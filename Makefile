@@ -1,0 +1,128 @@
+# imgbox - one non-recursive Makefile.
+#   make                 static musl release binary ./imgbox (configs/defconfig)
+#   make san             glibc build with ASan+UBSan: build/san/imgbox
+#   make check           unit + applet tests against both builds
+#   make defconfig | tiny_defconfig | oldconfig | menuconfig
+#   make size            binary size of each shipped configuration
+#   make bench           convert benchmark against qemu-img
+#   make fuzz            libFuzzer targets (clang)
+#   make clean | distclean
+
+CONFIG  ?= .config
+GEN     ?= include/generated
+OUT     ?= imgbox
+BUILD   ?= build/release
+DEPS    := build/deps
+MUSL_CC ?= musl-gcc
+SAN_CC  ?= gcc
+KCONF   := kconfig-conf
+export KCONFIG_CONFIG := $(CONFIG)
+
+WARN    := -Wall -Wextra -Wno-unused-parameter -Wshadow -Wstrict-prototypes
+CFLAGS_COMMON := -std=gnu11 $(WARN) -D_GNU_SOURCE -pthread \
+	-I$(dir $(GEN)) -Iinclude -MMD -MP
+REL_CFLAGS := $(CFLAGS_COMMON) -Os -ffunction-sections -fdata-sections \
+	-fno-asynchronous-unwind-tables -fno-unwind-tables -fno-stack-protector \
+	-I$(DEPS)/musl/include
+REL_LDFLAGS := -static -Wl,--gc-sections -s -L$(DEPS)/musl/lib
+SAN_CFLAGS := $(CFLAGS_COMMON) -O1 -g -Werror -fsanitize=address,undefined \
+	-fno-omit-frame-pointer -fno-sanitize-recover=undefined
+SAN_LDFLAGS := -fsanitize=address,undefined
+LIBS := -lz -laio -lpthread
+
+all: $(OUT)
+
+# ---- configuration ----
+KSRC := $(wildcard applets/*.c formats/*.c)
+include/generated/Config.applets.in include/generated/Config.formats.in: \
+		$(KSRC) kconfig/gen.sh
+	@sh kconfig/gen.sh kconfig
+
+$(CONFIG): | include/generated/Config.applets.in
+	@mkdir -p $(dir $(CONFIG))
+	@$(KCONF) --defconfig=configs/defconfig Kconfig >/dev/null
+
+$(GEN)/objs.mk: $(CONFIG) $(KSRC) kconfig/gen.sh Kconfig \
+		include/generated/Config.applets.in
+	@sh kconfig/gen.sh kconfig
+	@$(KCONF) --olddefconfig Kconfig >/dev/null
+	@sh kconfig/gen.sh headers $(CONFIG) $(GEN)
+
+-include $(GEN)/objs.mk
+
+defconfig: include/generated/Config.applets.in
+	$(KCONF) --defconfig=configs/defconfig Kconfig
+%_defconfig: include/generated/Config.applets.in
+	$(KCONF) --defconfig=configs/$@ Kconfig
+oldconfig: include/generated/Config.applets.in
+	$(KCONF) --oldconfig Kconfig
+olddefconfig: include/generated/Config.applets.in
+	$(KCONF) --olddefconfig Kconfig
+menuconfig: include/generated/Config.applets.in
+	kconfig-mconf Kconfig
+savedefconfig: include/generated/Config.applets.in
+	$(KCONF) --savedefconfig=defconfig.new Kconfig
+
+# ---- release: static musl ----
+REL_OBJS := $(patsubst %.c,$(BUILD)/%.o,$(SRCS))
+$(DEPS)/musl/lib/libz.a:
+	sh kconfig/deps.sh $(DEPS)
+
+$(BUILD)/%.o: %.c $(GEN)/objs.mk $(DEPS)/musl/lib/libz.a
+	@mkdir -p $(dir $@)
+	@echo "  CC      $@"
+	@$(MUSL_CC) $(REL_CFLAGS) -c $< -o $@
+
+$(OUT): $(REL_OBJS)
+	$(MUSL_CC) $(REL_LDFLAGS) -o $@ $(REL_OBJS) $(LIBS)
+
+# ---- developer build: glibc + sanitizers ----
+SAN_OBJS := $(patsubst %.c,build/san/%.o,$(SRCS))
+build/san/%.o: %.c $(GEN)/objs.mk
+	@mkdir -p $(dir $@)
+	@echo "  CC      $@"
+	@$(SAN_CC) $(SAN_CFLAGS) -c $< -o $@
+build/san/imgbox: $(SAN_OBJS)
+	$(SAN_CC) $(SAN_LDFLAGS) -o $@ $(SAN_OBJS) $(LIBS)
+san: build/san/imgbox
+
+# ---- tests ----
+UNIT_SRCS := $(wildcard tests/unit/*.c)
+UNIT_BINS := $(patsubst tests/unit/%.c,build/san/unit/%,$(UNIT_SRCS))
+LIB_SAN_OBJS := $(filter build/san/block/% build/san/formats/%,$(SAN_OBJS))
+build/san/unit/%: tests/unit/%.c $(LIB_SAN_OBJS)
+	@mkdir -p $(dir $@)
+	$(SAN_CC) $(SAN_CFLAGS) $(SAN_LDFLAGS) -o $@ $< $(LIB_SAN_OBJS) $(LIBS)
+
+check: $(OUT) build/san/imgbox $(UNIT_BINS)
+	@bash tests/check.sh
+
+# ---- sizes, benchmarks, fuzzing ----
+size:
+	@$(MAKE) --no-print-directory $(OUT) >/dev/null
+	@$(MAKE) --no-print-directory CONFIG=build/tiny/.config \
+		GEN=build/tiny/generated BUILD=build/tiny OUT=build/tiny/imgbox \
+		tiny-config build/tiny/imgbox >/dev/null
+	@printf '%-16s %10s\n' config bytes
+	@printf '%-16s %10s\n' defconfig $$(stat -c %s $(OUT))
+	@printf '%-16s %10s\n' tiny_defconfig $$(stat -c %s build/tiny/imgbox)
+tiny-config:
+	@test -f $(CONFIG) || { mkdir -p $(dir $(CONFIG)); \
+		$(KCONF) --defconfig=configs/tiny_defconfig Kconfig >/dev/null; }
+
+bench: $(OUT)
+	@bash bench/run.sh
+
+fuzz: $(GEN)/objs.mk
+	@bash fuzz/build.sh
+
+clean:
+	rm -rf build/release build/san build/tiny build/fuzz $(OUT)
+distclean: clean
+	rm -rf build include/generated .config .config.old
+
+.PHONY: all san check size tiny-config bench fuzz clean distclean \
+	defconfig oldconfig olddefconfig menuconfig savedefconfig
+.DELETE_ON_ERROR:
+
+-include $(REL_OBJS:.o=.d) $(SAN_OBJS:.o=.d)

@@ -1,0 +1,377 @@
+/* lib.c - what every applet shares: messages, dying with cleanup, option
+ * parsing from the applet's generated option strings, sizes. */
+#include <getopt.h>
+#include <stdarg.h>
+#include <unistd.h>
+#include <time.h>
+#include "imgbox.h"
+#include "blk_driver.h"
+
+struct opts opts;
+const char *progname = "imgbox";
+const struct applet *cur_applet;
+static char *cleanup_path;
+
+void msg(const char *fmt, ...)
+{
+	va_list ap;
+
+	fflush(stdout);
+	fprintf(stderr, "%s: ", progname);
+	va_start(ap, fmt);
+	vfprintf(stderr, fmt, ap);
+	va_end(ap);
+	fputc('\n', stderr);
+}
+
+void cleanup_file(const char *path)
+{
+	free(cleanup_path);
+	cleanup_path = path ? strdup(path) : NULL;
+}
+
+void cleanup_cancel(void)
+{
+	cleanup_file(NULL);
+}
+
+void die_exit(int code)
+{
+	if (cleanup_path)
+		unlink(cleanup_path);
+	fflush(stdout);
+	exit(code);
+}
+
+void die(const char *fmt, ...)
+{
+	va_list ap;
+
+	fflush(stdout);
+	fprintf(stderr, "%s: ", progname);
+	va_start(ap, fmt);
+	vfprintf(stderr, fmt, ap);
+	va_end(ap);
+	fputc('\n', stderr);
+	die_exit(1);
+}
+
+void die_usage(const char *fmt, ...)
+{
+	va_list ap;
+
+	fflush(stdout);
+	fprintf(stderr, "%s: ", progname);
+	va_start(ap, fmt);
+	vfprintf(stderr, fmt, ap);
+	va_end(ap);
+	fprintf(stderr, "\nTry '%s --help' for more information\n", progname);
+	die_exit(1);
+}
+
+void print_usage(const struct applet *a, FILE *f)
+{
+	fputs(a->usage, f);
+}
+
+/* Builds getopt_long tables from the applet's strings. Bits: short
+ * options in string order, then long-only options (kconfig/gen.sh counts
+ * the same way). */
+int opts_parse(int argc, char **argv)
+{
+	const struct applet *a = cur_applet;
+	char shortopts[128];
+	struct option lo[64];
+	int bit_of_char[256], list_bit[64] = { 0 };
+	int nlo = 0, bit = 0, si = 0, c;
+	const char *p;
+
+	memset(&opts, 0, sizeof(opts));
+	for (int i = 0; i < 256; i++)
+		bit_of_char[i] = -1;
+	shortopts[si++] = ':';
+	for (p = a->shortopts; *p; p++) {
+		if (*p == '*') {
+			list_bit[bit - 1] = 1;
+			continue;
+		}
+		if (*p == ':') {
+			shortopts[si++] = ':';
+			continue;
+		}
+		shortopts[si++] = *p;
+		bit_of_char[(unsigned char)*p] = bit++;
+	}
+	if (bit_of_char['h'] < 0)
+		shortopts[si++] = 'h';
+	shortopts[si] = 0;
+
+	for (p = a->longopts; p && *p && nlo < 62;) {
+		char name[64];
+		size_t n = strcspn(p, ",");
+		const char *end = p + n, *q;
+		int has = no_argument, islist = 0, alias = 0;
+
+		memcpy(name, p, n < 63 ? n : 63);
+		name[n < 63 ? n : 63] = 0;
+		for (q = name; *q && *q != ':' && *q != '*' && *q != '='; q++)
+			;
+		for (const char *r = q; *r; r++) {
+			if (*r == ':')
+				has = required_argument;
+			else if (*r == '*')
+				islist = 1;
+			else if (*r == '=') {
+				alias = (unsigned char)r[1];
+				break;
+			}
+		}
+		name[q - name] = 0;
+		lo[nlo].name = strdup(name);
+		lo[nlo].has_arg = has;
+		lo[nlo].flag = NULL;
+		if (alias)
+			lo[nlo].val = alias;
+		else {
+			list_bit[bit] = islist;
+			lo[nlo].val = 0x1000 + bit++;
+		}
+		nlo++;
+		p = *end ? end + 1 : end;
+	}
+	lo[nlo].name = "help";
+	lo[nlo].has_arg = no_argument;
+	lo[nlo].flag = NULL;
+	lo[nlo].val = 0x2000;
+	nlo++;
+	memset(&lo[nlo], 0, sizeof(lo[nlo]));
+
+	optind = 0;
+	opterr = 0;
+	while ((c = getopt_long(argc, argv, shortopts, lo, NULL)) != -1) {
+		int b;
+
+		if (c == '?') {
+			if (optopt && optopt < 0x1000 && argv[optind - 1] &&
+			    argv[optind - 1][0] == '-' &&
+			    argv[optind - 1][1] != '-')
+				die_usage("unrecognized option '-%c'", optopt);
+			die_usage("unrecognized option '%s'", argv[optind - 1]);
+		}
+		if (c == ':') {
+			if (optopt && optopt < 0x1000)
+				die_usage("missing argument for option '-%c'",
+					  optopt);
+			die_usage("missing argument for option '%s'",
+				  argv[optind - 1]);
+		}
+		if (c == 0x2000 || (c == 'h' && bit_of_char['h'] < 0)) {
+			print_usage(a, stdout);
+			exit(0);
+		}
+		b = c >= 0x1000 ? c - 0x1000 : bit_of_char[c & 255];
+		if (b < 0)
+			continue;
+		opts.flags |= 1ULL << b;
+		if (optarg) {
+			if (list_bit[b] && opts.arg[b]) {
+				size_t l = strlen(opts.arg[b]);
+				char *n = malloc(l + strlen(optarg) + 2);
+				if (!n)
+					die("out of memory");
+				sprintf(n, "%s,%s", opts.arg[b], optarg);
+				opts.arg[b] = n;
+			} else
+				opts.arg[b] = optarg;
+		}
+	}
+	for (int i = 0; i < nlo - 1; i++)
+		free((char *)lo[i].name);
+	return optind;
+}
+
+void size_to_str(char *buf, size_t len, uint64_t size)
+{
+	static const char *const units[] = { "B", "KiB", "MiB", "GiB",
+					     "TiB", "PiB", "EiB" };
+	/* Switch to the next unit once the number would reach 1000. */
+	double x = (double)size * 1.024;
+	int i = 0;
+
+	while (i < 6 && x >= (double)(1ULL << (10 * (i + 1))))
+		i++;
+	snprintf(buf, len, "%0.3g %s", (double)size / (double)(1ULL << (10 * i)),
+		 units[i]);
+}
+
+uint64_t cli_size(const char *s, const char *what)
+{
+	uint64_t v;
+	int ret = parse_size(s, &v);
+
+	(void)what;
+	if (ret == -ERANGE || (ret == 0 && v > INT64_MAX))
+		die("Invalid image size specified. Must be between 0 and "
+		    "%lld.", (long long)INT64_MAX);
+	if (ret < 0)
+		die("Invalid image size specified. You may use k, M, G, T, P "
+		    "or E suffixes for\n%s: kilobytes, megabytes, gigabytes, "
+		    "terabytes, petabytes and exabytes.", progname);
+	return v;
+}
+
+int parse_output_format(const char *s)
+{
+	if (!s || !strcmp(s, "human"))
+		return 0;
+	if (!strcmp(s, "json"))
+		return 1;
+	die("--output must be used with human or json as argument.");
+}
+
+const struct applet *applet_find(const char *name)
+{
+	int lo = 0, hi = applet_count - 1;
+
+	while (lo <= hi) {
+		int mid = (lo + hi) / 2;
+		int c = strcmp(name, applets[mid].name);
+		if (!c)
+			return &applets[mid];
+		if (c < 0)
+			hi = mid - 1;
+		else
+			lo = mid + 1;
+	}
+	return NULL;
+}
+
+/* qemu-img's snapshot table (info and snapshot -l). */
+void print_snapshot_table(const struct snapshot_info *sn, int n)
+{
+	printf("%-10s%-17s%8s%20s%13s%11s\n", "ID", "TAG", "VM SIZE", "DATE",
+	       "VM CLOCK", "ICOUNT");
+	for (int i = 0; i < n; i++)
+		print_snapshot_row(&sn[i]);
+}
+
+void print_snapshot_row(const struct snapshot_info *sn)
+{
+	char size[32], date[64], clk[64], icount[32] = "";
+	time_t t = (time_t)sn->date_sec;
+	struct tm tm;
+	uint64_t ms = sn->vm_clock_nsec / 1000000;
+
+	size_to_str(size, sizeof(size), sn->vm_state_size);
+	localtime_r(&t, &tm);
+	strftime(date, sizeof(date), "%Y-%m-%d %H:%M:%S", &tm);
+	snprintf(clk, sizeof(clk), "%02llu:%02llu:%02llu.%03llu",
+		 (unsigned long long)(ms / 3600000),
+		 (unsigned long long)(ms / 60000 % 60),
+		 (unsigned long long)(ms / 1000 % 60),
+		 (unsigned long long)(ms % 1000));
+	if (sn->icount_valid)
+		snprintf(icount, sizeof(icount), "%llu",
+			 (unsigned long long)sn->icount);
+	printf("%-9s %-16s %8s%20s%13s%11s\n", sn->id, sn->name, size, date,
+	       clk, icount);
+}
+
+struct val *snapshot_to_val(struct val *arr, const struct snapshot_info *s)
+{
+	struct val *o = val_add_obj(arr, NULL);
+
+	if (!o)
+		return NULL;
+	if (s->icount_valid)
+		val_add_uint(o, "icount", s->icount);
+	val_add_uint(o, "vm-clock-nsec", s->vm_clock_nsec % 1000000000ULL);
+	val_add_str(o, "name", s->name);
+	val_add_uint(o, "date-sec", s->date_sec);
+	val_add_uint(o, "date-nsec", s->date_nsec);
+	val_add_uint(o, "vm-clock-sec", s->vm_clock_nsec / 1000000000ULL);
+	val_add_str(o, "id", s->id);
+	val_add_uint(o, "vm-state-size", s->vm_state_size);
+	return o;
+}
+
+static const char *opt_type_name(enum opt_type t)
+{
+	switch (t) {
+	case OPT_SIZE: return "size";
+	case OPT_BOOL: return "bool (on/off)";
+	case OPT_NUMBER: return "num";
+	default: return "str";
+	}
+}
+
+/* -o help: sorted by name; protocol options only when a file is named. */
+void print_create_help(const struct blk_driver *drv, int with_protocol)
+{
+	const struct optdesc *d, *list[64];
+	int n = 0;
+
+	for (d = drv->create_opts; d && d->name && n < 64; d++)
+		if (with_protocol || !d->hidden)
+			list[n++] = d;
+	for (int i = 1; i < n; i++)
+		for (int j = i; j > 0 && strcmp(list[j - 1]->name,
+						list[j]->name) > 0; j--) {
+			const struct optdesc *t = list[j];
+			list[j] = list[j - 1];
+			list[j - 1] = t;
+		}
+	if (with_protocol)
+		printf("Supported options:\n");
+	else
+		printf("Supported %s options:\n", drv->name);
+	for (int i = 0; i < n; i++) {
+		char head[128];
+		int len = snprintf(head, sizeof(head), "  %s=<%s>",
+				   list[i]->name, opt_type_name(list[i]->type));
+		printf("%s%*s - %s\n", head, len < 24 ? 24 - len : 0, "",
+		       list[i]->help);
+	}
+	if (!with_protocol)
+		printf("\nThe protocol level may support further options.\n"
+		       "Specify the target filename to include those "
+		       "options.\n");
+}
+
+int opts_want_help(const char *o)
+{
+	struct optlist l = { 0 };
+	int r;
+
+	if (!o)
+		return 0;
+	if (optlist_parse(&l, o, NULL) < 0)
+		return 0;
+	r = optlist_get(&l, "help") || optlist_get(&l, "?");
+	optlist_free(&l);
+	return r;
+}
+
+/* The Formatting line lists create options in the driver's order: given
+ * values, else printed defaults. */
+void print_formatting(const char *filename, const struct blk_driver *drv,
+		      const struct optlist *ol)
+{
+	printf("Formatting '%s', fmt=%s", filename, drv->name);
+	for (const struct optdesc *d = drv->create_opts; d && d->name; d++) {
+		const char *v = optlist_get(ol, d->name);
+		uint64_t sz;
+
+		if (!v)
+			v = d->def;
+		if (!v)
+			continue;
+		if (d->type == OPT_SIZE && parse_size(v, &sz) == 0)
+			printf(" %s=%llu", d->name, (unsigned long long)sz);
+		else
+			printf(" %s=%s", d->name, v);
+	}
+	printf("\n");
+	fflush(stdout);
+}
+

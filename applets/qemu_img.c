@@ -1,0 +1,96 @@
+/* qemu_img.c - the qemu-img applet: "qemu-img COMMAND ARGS" runs the
+ * img-COMMAND applet with the same arguments, messages prefixed
+ * "qemu-img:", as the real qemu-img's command line expects. */
+//config:config APPLET_QEMU_IMG
+//config:	bool "qemu-img"
+//config:	default y
+//config:	help
+//config:	  usage: qemu-img [standard options] command [command options]
+//config:	  QEMU disk image utility (imgbox)
+//config:
+//config:	    '-h', '--help'       display this help and exit
+//config:	    '-V', '--version'    output version information and exit
+//config:	    '-T', '--trace'      accepted and ignored
+//config:
+//config:	  Commands are the img-* applets without their prefix;
+//config:	  'qemu-img COMMAND --help' describes one.
+//applet:APPLET(qemu_img, "qemu-img", "", "")
+
+#include "imgbox.h"
+#include "blk_driver.h"
+
+void qemu_img_help(void)
+{
+	int first = 1;
+
+	printf("qemu-img version %s (imgbox %s)\n"
+	       "usage: qemu-img [standard options] command [command options]\n"
+	       "QEMU disk image utility\n\n"
+	       "    '-h', '--help'       display this help and exit\n"
+	       "    '-V', '--version'    output version information and exit\n"
+	       "    '-T', '--trace'      [[enable=]<pattern>][,events=<file>]"
+	       "[,file=<file>]\n"
+	       "                         specify tracing options\n\n"
+	       "Command syntax:\n", QEMU_COMPAT_VERSION, IMGBOX_VERSION);
+	for (int i = 0; i < applet_count; i++) {
+		const char *u = applets[i].usage, *nl;
+		if (strncmp(applets[i].name, "img-", 4))
+			continue;
+		/* first usage line: "usage: img-NAME ARGS" */
+		if (!strncmp(u, "usage: ", 7))
+			u += 7;
+		if (!strncmp(u, "img-", 4))
+			u += 4;
+		nl = strchr(u, '\n');
+		printf("  %.*s\n", nl ? (int)(nl - u) : (int)strlen(u), u);
+	}
+	printf("\nSupported formats:");
+	for (int i = 0; blk_drivers[i]; i++) {
+		printf("%s%s", first ? " " : " ", blk_drivers[i]->name);
+		first = 0;
+	}
+	printf("\n\nSee <https://qemu.org/contribute/report-a-bug> for how "
+	       "to report bugs.\nMore information on the QEMU project at "
+	       "<https://qemu.org>.\n");
+}
+
+int qemu_img_main(int argc, char **argv)
+{
+	const struct applet *a;
+	char name[64];
+	int i = 1;
+
+	progname = "qemu-img";
+	for (; i < argc && argv[i][0] == '-'; i++) {
+		const char *o = argv[i];
+		if (!strcmp(o, "-h") || !strcmp(o, "--help")) {
+			qemu_img_help();
+			return 0;
+		}
+		if (!strcmp(o, "-V") || !strcmp(o, "--version")) {
+			printf("qemu-img version %s (imgbox %s)\n"
+			       "Copyright (c) imgbox developers; command line "
+			       "of the QEMU Project's qemu-img\n",
+			       QEMU_COMPAT_VERSION, IMGBOX_VERSION);
+			return 0;
+		}
+		if (!strcmp(o, "-T") || !strcmp(o, "--trace")) {
+			if (++i >= argc)
+				die_usage("missing argument for option '%s'",
+					  o);
+			continue;
+		}
+		if (!strncmp(o, "--trace=", 8) || !strncmp(o, "-T", 2))
+			continue;
+		die_usage("unrecognized option '%s'", o);
+	}
+	if (i >= argc)
+		die_usage("Not enough arguments");
+	snprintf(name, sizeof(name), "img-%s", argv[i]);
+	a = applet_find(name);
+	if (!a)
+		die_usage("Command not found: %s", argv[i]);
+	cur_applet = a;
+	argv[i] = (char *)"qemu-img";
+	return a->main(argc - i, argv + i);
+}

@@ -1,0 +1,439 @@
+/* file.c - the file protocol: every byte imgbox reads or writes goes
+ * through here (regular files and block devices). One choke point for
+ * O_DIRECT bounce buffers, flush policy and fault injection. */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include "blk.h"
+#include <generated/config.h>
+
+/* From the kernel's uapi headers, which musl-gcc does not see. */
+#ifndef BLKGETSIZE64
+#define BLKGETSIZE64 _IOR(0x12, 114, size_t)
+#endif
+#ifndef BLKSSZGET
+#define BLKSSZGET _IO(0x12, 104)
+#endif
+#ifndef FALLOC_FL_KEEP_SIZE
+#define FALLOC_FL_KEEP_SIZE 0x01
+#endif
+#ifndef FALLOC_FL_PUNCH_HOLE
+#define FALLOC_FL_PUNCH_HOLE 0x02
+#endif
+#ifndef FALLOC_FL_ZERO_RANGE
+#define FALLOC_FL_ZERO_RANGE 0x10
+#endif
+
+/* ---- fault injection: IMGBOX_FAULT=op:errno:n[,op:errno:n...] makes the
+ * n-th (1-based) and every later call of op (read, write, flush, trunc)
+ * fail with errno. Tests use it for ENOSPC and EIO paths. */
+enum { F_READ, F_WRITE, F_FLUSH, F_TRUNC, F_NR };
+static struct {
+	int init;
+	int err[F_NR];
+	long after[F_NR];
+	atomic_long count[F_NR];
+} fault;
+
+static int fault_hit(int op)
+{
+	if (!ENABLE_FAULT_INJECTION)
+		return 0;
+	if (!fault.init) {
+		static const char *const names[F_NR] = { "read", "write",
+							 "flush", "trunc" };
+		const char *s = getenv("IMGBOX_FAULT");
+		char buf[256], *save = NULL, *tok;
+
+		fault.init = 1;
+		if (!s)
+			return 0;
+		snprintf(buf, sizeof(buf), "%s", s);
+		for (tok = strtok_r(buf, ",", &save); tok;
+		     tok = strtok_r(NULL, ",", &save)) {
+			char name[16];
+			int e;
+			long n;
+			if (sscanf(tok, "%15[a-z]:%d:%ld", name, &e, &n) != 3)
+				continue;
+			for (int i = 0; i < F_NR; i++)
+				if (!strcmp(name, names[i])) {
+					fault.err[i] = e;
+					fault.after[i] = n;
+				}
+		}
+	}
+	if (!fault.err[op])
+		return 0;
+	if (atomic_fetch_add(&fault.count[op], 1) + 1 >= fault.after[op])
+		return -fault.err[op];
+	return 0;
+}
+
+void *blk_alloc_buf(size_t len)
+{
+	void *p = NULL;
+
+	if (posix_memalign(&p, 4096, len ? len : 1))
+		return NULL;
+	return p;
+}
+
+int bfile_open(struct bfile **pf, const char *name, unsigned flags,
+	       int cache, struct err *e)
+{
+	struct bfile *f;
+	struct stat st;
+	int oflags = O_CLOEXEC;
+
+	*pf = NULL;
+	oflags |= (flags & BFILE_RDWR) ? O_RDWR : O_RDONLY;
+	if (flags & BFILE_CREATE)
+		oflags |= O_CREAT | O_TRUNC | O_RDWR;
+	if (flags & BFILE_EXCL)
+		oflags |= O_EXCL;
+	if (cache == CACHE_NONE || cache == CACHE_DIRECTSYNC)
+		oflags |= O_DIRECT;
+	if (cache == CACHE_DIRECTSYNC || cache == CACHE_WRITETHROUGH)
+		oflags |= O_DSYNC;
+
+	f = calloc(1, sizeof(*f));
+	if (!f || !(f->name = strdup(name))) {
+		free(f);
+		err_set(e, "Could not open '%s': %s", name, strerror(ENOMEM));
+		return -ENOMEM;
+	}
+	f->fd = open(name, oflags, 0644);
+	if (f->fd < 0) {
+		int ret = -errno;
+		err_set(e, "Could not %s '%s': %s",
+			(flags & BFILE_CREATE) ? "create" : "open", name,
+			strerror(errno));
+		free(f->name);
+		free(f);
+		return ret;
+	}
+	if (fstat(f->fd, &st) < 0 ||
+	    (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode))) {
+		err_set(e, "'file' driver requires '%s' to be a regular file",
+			name);
+		close(f->fd);
+		free(f->name);
+		free(f);
+		return -EINVAL;
+	}
+	f->is_blockdev = S_ISBLK(st.st_mode);
+	f->direct = !!(oflags & O_DIRECT);
+	f->no_flush = cache == CACHE_UNSAFE;
+	f->read_only = !(oflags & O_RDWR);
+	f->align = 1;
+	if (f->direct) {
+		int ss = 0;
+		f->align = 512;
+		if (f->is_blockdev && ioctl(f->fd, BLKSSZGET, &ss) == 0 &&
+		    ss > 512 && ss <= 65536)
+			f->align = (unsigned)ss;
+		else if (!f->is_blockdev && st.st_blksize >= 512 &&
+			 st.st_blksize <= 4096)
+			f->align = 4096 > st.st_blksize ? 4096 : (unsigned)st.st_blksize;
+	}
+	*pf = f;
+	return 0;
+}
+
+void bfile_close(struct bfile *f)
+{
+	if (!f)
+		return;
+	close(f->fd);
+	free(f->name);
+	free(f);
+}
+
+static int raw_pread_full(int fd, uint64_t off, void *buf, size_t len)
+{
+	char *p = buf;
+
+	while (len) {
+		ssize_t n = pread(fd, p, len, (off_t)off);
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			return -errno;
+		}
+		if (n == 0) {	/* past end of file: zeroes */
+			memset(p, 0, len);
+			return 0;
+		}
+		p += n;
+		off += (uint64_t)n;
+		len -= (size_t)n;
+	}
+	return 0;
+}
+
+static int raw_pwrite_full(int fd, uint64_t off, const void *buf, size_t len)
+{
+	const char *p = buf;
+
+	while (len) {
+		ssize_t n = pwrite(fd, p, len, (off_t)off);
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			return -errno;
+		}
+		if (n == 0)
+			return -ENOSPC;
+		p += n;
+		off += (uint64_t)n;
+		len -= (size_t)n;
+	}
+	return 0;
+}
+
+static int aligned(struct bfile *f, uint64_t off, const void *buf, size_t len)
+{
+	return IS_ALIGNED(off, f->align) && IS_ALIGNED(len, f->align) &&
+	       IS_ALIGNED((uintptr_t)buf, f->align);
+}
+
+int bfile_pread(struct bfile *f, uint64_t off, void *buf, size_t len)
+{
+	int ret = fault_hit(F_READ);
+
+	if (ret)
+		return ret;
+	if (!len)
+		return 0;
+	if (f->direct && !aligned(f, off, buf, len)) {
+		uint64_t start = ALIGN_DOWN(off, f->align);
+		uint64_t end = ALIGN_UP(off + len, f->align);
+		size_t blen = (size_t)(end - start);
+		char *b = blk_alloc_buf(blen);
+		if (!b)
+			return -ENOMEM;
+		ret = raw_pread_full(f->fd, start, b, blen);
+		if (!ret)
+			memcpy(buf, b + (off - start), len);
+		free(b);
+		return ret;
+	}
+	return raw_pread_full(f->fd, off, buf, len);
+}
+
+int bfile_pwrite(struct bfile *f, uint64_t off, const void *buf, size_t len)
+{
+	int ret = fault_hit(F_WRITE);
+
+	if (ret)
+		return ret;
+	if (!len)
+		return 0;
+	if (f->read_only)
+		return -EBADF;
+	if (f->direct && !aligned(f, off, buf, len)) {
+		/* read-modify-write of the aligned superset */
+		uint64_t start = ALIGN_DOWN(off, f->align);
+		uint64_t end = ALIGN_UP(off + len, f->align);
+		size_t blen = (size_t)(end - start);
+		char *b = blk_alloc_buf(blen);
+		if (!b)
+			return -ENOMEM;
+		if (start != off || IS_ALIGNED(off + len, f->align) == 0)
+			ret = raw_pread_full(f->fd, start, b, blen);
+		if (!ret) {
+			memcpy(b + (off - start), buf, len);
+			ret = raw_pwrite_full(f->fd, start, b, blen);
+		}
+		free(b);
+		return ret;
+	}
+	return raw_pwrite_full(f->fd, off, buf, len);
+}
+
+int bfile_flush(struct bfile *f)
+{
+	int ret = fault_hit(F_FLUSH);
+
+	if (ret)
+		return ret;
+	if (f->no_flush || f->read_only)
+		return 0;
+	if (fdatasync(f->fd) < 0)
+		return -errno;
+	return 0;
+}
+
+int64_t bfile_size(struct bfile *f)
+{
+	struct stat st;
+
+	if (f->is_blockdev) {
+		uint64_t sz;
+		if (ioctl(f->fd, BLKGETSIZE64, &sz) < 0)
+			return -errno;
+		return (int64_t)sz;
+	}
+	if (fstat(f->fd, &st) < 0)
+		return -errno;
+	return st.st_size;
+}
+
+int64_t bfile_allocated(struct bfile *f)
+{
+	struct stat st;
+
+	if (fstat(f->fd, &st) < 0)
+		return -errno;
+	return (int64_t)st.st_blocks * 512;
+}
+
+static int write_zeroes_slow(struct bfile *f, uint64_t off, uint64_t len)
+{
+	size_t chunk = 1 << 20;
+	char *z = blk_alloc_buf(chunk);
+	int ret = 0;
+
+	if (!z)
+		return -ENOMEM;
+	memset(z, 0, chunk);
+	while (len && !ret) {
+		size_t n = len < chunk ? (size_t)len : chunk;
+		ret = bfile_pwrite(f, off, z, n);
+		off += n;
+		len -= n;
+	}
+	free(z);
+	return ret;
+}
+
+int bfile_truncate(struct bfile *f, uint64_t size, int prealloc,
+		   struct err *e)
+{
+	int64_t old = bfile_size(f);
+	int ret = fault_hit(F_TRUNC);
+
+	if (ret) {
+		err_set(e, "Could not resize file: %s", strerror(-ret));
+		return ret;
+	}
+	if (old < 0) {
+		err_set(e, "Could not get file size: %s", strerror((int)-old));
+		return (int)old;
+	}
+	if (f->is_blockdev) {
+		if (size > (uint64_t)old) {
+			err_set(e, "Cannot grow device files");
+			return -EINVAL;
+		}
+		return 0;
+	}
+	if (prealloc == PREALLOC_METADATA) {
+		err_set(e, "Unsupported preallocation mode: metadata");
+		return -ENOTSUP;
+	}
+	if (size > INT64_MAX) {
+		err_set(e, "File size too large");
+		return -EFBIG;
+	}
+	if (prealloc == PREALLOC_FALLOC && size > (uint64_t)old) {
+		ret = posix_fallocate(f->fd, old, (off_t)(size - (uint64_t)old));
+		if (ret) {
+			err_set(e, "Could not preallocate new data: %s",
+				strerror(ret));
+			return -ret;
+		}
+		return 0;
+	}
+	if (ftruncate(f->fd, (off_t)size) < 0) {
+		ret = -errno;
+		err_set(e, "Could not resize file: %s", strerror(errno));
+		return ret;
+	}
+	if (prealloc == PREALLOC_FULL && size > (uint64_t)old) {
+		ret = write_zeroes_slow(f, (uint64_t)old, size - (uint64_t)old);
+		if (ret) {
+			err_set(e, "Could not write zeros for preallocation: %s",
+				strerror(-ret));
+			(void)!ftruncate(f->fd, old);
+			return ret;
+		}
+	}
+	return 0;
+}
+
+int bfile_zero(struct bfile *f, uint64_t off, uint64_t len, bool unmap)
+{
+	int64_t size;
+
+	if (!len)
+		return 0;
+	if (f->read_only)
+		return -EBADF;
+	if (fault_hit(F_WRITE))
+		return -fault.err[F_WRITE];
+	size = bfile_size(f);
+	/* Past the end of a regular file everything reads as zero already,
+	 * but the file must still cover the range. */
+	if (!f->is_blockdev && size >= 0 && off >= (uint64_t)size) {
+		if (ftruncate(f->fd, (off_t)(off + len)) < 0)
+			return -errno;
+		return 0;
+	}
+	if (unmap && fallocate(f->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+			       (off_t)off, (off_t)len) == 0) {
+		if (!f->is_blockdev && size >= 0 && off + len > (uint64_t)size &&
+		    ftruncate(f->fd, (off_t)(off + len)) < 0)
+			return -errno;
+		return 0;
+	}
+	if (fallocate(f->fd, FALLOC_FL_ZERO_RANGE, (off_t)off, (off_t)len) == 0)
+		return 0;
+	return write_zeroes_slow(f, off, len);
+}
+
+int bfile_discard(struct bfile *f, uint64_t off, uint64_t len)
+{
+	if (f->read_only)
+		return -EBADF;
+	if (fallocate(f->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+		      (off_t)off, (off_t)len) < 0)
+		return -errno;
+	return 0;
+}
+
+int bfile_block_status(struct bfile *f, uint64_t off, uint64_t len,
+		       uint64_t *pnum)
+{
+	off_t data, hole;
+	int64_t size = bfile_size(f);
+
+	*pnum = len;
+	if (size >= 0 && off >= (uint64_t)size)
+		return BLK_STAT_ZERO;
+	if (size >= 0 && off + len > (uint64_t)size)
+		len = (uint64_t)size - off;
+	*pnum = len;
+	data = lseek(f->fd, (off_t)off, SEEK_DATA);
+	if (data < 0) {
+		if (errno == ENXIO)	/* hole to the end */
+			return BLK_STAT_ZERO;
+		return BLK_STAT_DATA;	/* no SEEK_DATA: assume data */
+	}
+	if ((uint64_t)data > off) {
+		*pnum = MIN((uint64_t)data - off, len);
+		return BLK_STAT_ZERO;
+	}
+	hole = lseek(f->fd, (off_t)off, SEEK_HOLE);
+	if (hole < 0 || (uint64_t)hole <= off)
+		return BLK_STAT_DATA;
+	*pnum = MIN((uint64_t)hole - off, len);
+	return BLK_STAT_DATA;
+}

@@ -1,0 +1,227 @@
+/* blk.h - the block layer as applets see it: open images by name (probing
+ * or -f), read/write/zero by byte offset, ask block status through the
+ * backing chain, create/resize, and the option lists of -o.
+ *
+ * Rules (DESIGN.md): byte offsets and lengths everywhere; functions return
+ * 0 (or a non-negative count) or -errno and never exit; failures that need
+ * more words than errno leave them in a struct err or in blk->errmsg. */
+#ifndef IMGBOX_BLK_H
+#define IMGBOX_BLK_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <stddef.h>
+#include <pthread.h>
+#include "platform.h"
+#include "value.h"
+
+struct err {
+	char msg[1024];
+};
+void err_set(struct err *e, const char *fmt, ...) PRINTF(2, 3);
+/* "PREFIX: old message" */
+void err_prefix(struct err *e, const char *fmt, ...) PRINTF(2, 3);
+
+/* ---- cache modes (-t / -T) ---- */
+enum blk_cache {
+	CACHE_WRITEBACK, CACHE_UNSAFE, CACHE_NONE, CACHE_DIRECTSYNC,
+	CACHE_WRITETHROUGH,
+};
+/* 0 or -EINVAL */
+int blk_parse_cache(const char *s, int *mode);
+
+/* ---- file protocol: the one choke point for all file I/O ---- */
+struct bfile {
+	int fd;
+	char *name;
+	bool direct;		/* O_DIRECT: bounce unaligned requests */
+	bool sync;		/* writethrough/directsync: fdatasync each write */
+	bool no_flush;		/* cache=unsafe */
+	bool read_only;
+	bool is_blockdev;
+	unsigned align;		/* required alignment with O_DIRECT */
+};
+#define BFILE_RDWR	0x1
+#define BFILE_CREATE	0x2	/* O_CREAT|O_TRUNC */
+#define BFILE_EXCL	0x4	/* with CREATE: O_EXCL */
+int bfile_open(struct bfile **pf, const char *name, unsigned flags,
+	       int cache, struct err *e);
+void bfile_close(struct bfile *f);
+/* Reads past end of file return zeroes. */
+int bfile_pread(struct bfile *f, uint64_t off, void *buf, size_t len);
+int bfile_pwrite(struct bfile *f, uint64_t off, const void *buf, size_t len);
+int bfile_flush(struct bfile *f);
+int64_t bfile_size(struct bfile *f);
+int64_t bfile_allocated(struct bfile *f);	/* bytes on disk */
+/* prealloc: PREALLOC_* below */
+int bfile_truncate(struct bfile *f, uint64_t size, int prealloc,
+		   struct err *e);
+/* Make [off,off+len) read as zero; unmap = may deallocate (punch hole). */
+int bfile_zero(struct bfile *f, uint64_t off, uint64_t len, bool unmap);
+int bfile_discard(struct bfile *f, uint64_t off, uint64_t len);
+/* Returns BLK_STAT_DATA or BLK_STAT_ZERO for the run starting at off, with
+ * its length (capped at len) in *pnum. */
+int bfile_block_status(struct bfile *f, uint64_t off, uint64_t len,
+		       uint64_t *pnum);
+/* Allocate an aligned I/O buffer (4 KiB aligned); free with free(). */
+void *blk_alloc_buf(size_t len);
+
+enum { PREALLOC_OFF, PREALLOC_METADATA, PREALLOC_FALLOC, PREALLOC_FULL };
+int blk_parse_prealloc(const char *s, int *mode);
+extern const char *const prealloc_names[];
+
+/* ---- option lists (-o a=b,c=d; ",," is a literal comma) ---- */
+enum opt_type { OPT_STRING, OPT_SIZE, OPT_BOOL, OPT_NUMBER };
+struct optdesc {
+	const char *name;
+	enum opt_type type;
+	const char *help;
+	const char *def;	/* default printed on the Formatting line */
+	bool hidden;		/* accepted, not listed by -o help */
+};
+struct optlist {
+	int n;
+	struct { char *name, *value; } *v;
+};
+int optlist_parse(struct optlist *l, const char *s, struct err *e);
+const char *optlist_get(const struct optlist *l, const char *name);
+int optlist_set(struct optlist *l, const char *name, const char *value);
+void optlist_del(struct optlist *l, const char *name);
+int optlist_get_size(const struct optlist *l, const char *name,
+		     uint64_t *out, struct err *e);	/* 1 set, 0 absent */
+int optlist_get_bool(const struct optlist *l, const char *name, bool *out,
+		     struct err *e);			/* 1 set, 0 absent */
+/* Rejects names not in desc (NULL-name terminated) and bad typed values. */
+int optlist_validate(const struct optlist *l, const struct optdesc *desc,
+		     const char *fmt, struct err *e);
+void optlist_free(struct optlist *l);
+/* Size with qemu-img's suffixes (b k K M G T P E, decimal fractions).
+ * 0 or -EINVAL / -ERANGE. */
+int parse_size(const char *s, uint64_t *out);
+
+/* ---- images ---- */
+/* block status bits */
+#define BLK_STAT_DATA		0x01	/* reads come from data in a file */
+#define BLK_STAT_ZERO		0x02	/* reads as zeroes */
+#define BLK_STAT_ALLOCATED	0x04	/* this layer decides the content */
+#define BLK_STAT_OFFSET		0x08	/* *map is a host offset in *mfile */
+#define BLK_STAT_COMPRESSED	0x10
+
+/* open flags */
+#define BLK_O_RDWR		0x01
+#define BLK_O_NO_BACKING	0x02	/* leave the backing chain closed */
+#define BLK_O_SHARE		0x04	/* -U: skip image locking */
+#define BLK_O_CHECK		0x08	/* for check: tolerate what check reports */
+#define BLK_O_PROBED		0x10	/* format was guessed (set by blk_open) */
+#define BLK_O_NO_FLUSH_ON_CLOSE	0x20
+
+#define BLK_MAX_CHAIN		64	/* backing chain depth cap */
+
+struct blk_driver;
+struct blk {
+	const struct blk_driver *drv;
+	void *opaque;			/* drv->state_size bytes */
+	struct bfile *file;		/* the image file itself */
+	char *filename;			/* as given */
+	uint64_t size;			/* virtual size in bytes */
+	unsigned flags;			/* BLK_O_* */
+	int cache;
+	int depth;			/* 0 = top of the chain */
+	/* Backing file as recorded in the image (empty if none), its format
+	 * if recorded, the path it resolves to, and the open image. */
+	char *backing_file;
+	char *backing_fmt;
+	char *backing_path;
+	struct blk *backing;
+	pthread_mutex_t lock;		/* taken around non-threadsafe drivers */
+	char errmsg[512];		/* detail for the last -errno, if any */
+};
+
+/* Opens filename with format fmt (NULL: probe). Opens the backing chain
+ * unless BLK_O_NO_BACKING. Message in e on failure. */
+int blk_open(struct blk **pbs, const char *filename, const char *fmt,
+	     unsigned flags, int cache, struct err *e);
+void blk_close(struct blk *bs);	/* flushes if writable */
+/* Path the recorded backing file name resolves to (relative names are
+ * relative to the image's directory); malloc'd, NULL if none. */
+char *blk_backing_path(const struct blk *bs);
+/* Open the backing chain of an image opened with BLK_O_NO_BACKING. */
+int blk_open_backing(struct blk *bs, struct err *e);
+
+int blk_pread(struct blk *bs, uint64_t off, void *buf, size_t len);
+int blk_pwrite(struct blk *bs, uint64_t off, const void *buf, size_t len);
+#define BLK_ZERO_MAY_UNMAP	0x1
+int blk_pwrite_zeroes(struct blk *bs, uint64_t off, uint64_t len,
+		      unsigned flags);
+/* Whole clusters only; -ENOTSUP if the format cannot compress. */
+int blk_write_compressed(struct blk *bs, uint64_t off, const void *buf,
+			 size_t len);
+int blk_discard(struct blk *bs, uint64_t off, uint64_t len);
+int blk_flush(struct blk *bs);
+int blk_truncate(struct blk *bs, uint64_t size, int prealloc, bool shrink,
+		 struct err *e);
+
+/* Status of this layer only (BLK_STAT_ALLOCATED clear = ask backing). */
+int blk_block_status(struct blk *bs, uint64_t off, uint64_t len,
+		     uint64_t *pnum, uint64_t *map, struct bfile **mfile);
+/* Status through the chain down to (not including) base (NULL: whole
+ * chain). *depth is the layer that decided (0 = bs); a range no layer
+ * allocates reads as zero, has no BLK_STAT_ALLOCATED, and its depth is the
+ * chain length. */
+int blk_block_status_above(struct blk *bs, struct blk *base, uint64_t off,
+			   uint64_t len, uint64_t *pnum, uint64_t *map,
+			   struct bfile **mfile, int *depth);
+/* Read for a range this layer does not allocate: from the backing image,
+ * zeroes where there is none or past its end. For drivers. */
+int blk_read_backing(struct blk *bs, uint64_t off, void *buf, size_t len);
+
+/* Creates an image. opts carries size (bytes), backing_file, backing_fmt
+ * and format options; validated against the driver's create_opts. */
+int blk_create(const char *fmt, const char *filename, struct optlist *opts,
+	       struct err *e);
+
+/* Generic information about an open image, for info. */
+struct blk_info {
+	uint64_t cluster_size;		/* 0 = not applicable */
+	bool dirty;
+	bool encrypted;
+	struct val *specific;		/* format-specific object or NULL */
+};
+int blk_get_info(struct blk *bs, struct blk_info *bi);
+
+struct snapshot_info {
+	char id[128];
+	char name[256];
+	uint64_t vm_state_size;
+	uint32_t date_sec, date_nsec;
+	uint64_t vm_clock_nsec;
+	uint32_t icount_valid;
+	uint64_t icount;
+};
+
+/* Results of a consistency check (qemu-img check). */
+struct check_result {
+	int corruptions, leaks, check_errors;
+	int corruptions_fixed, leaks_fixed;
+	uint64_t image_end_offset;
+	uint64_t total_clusters, allocated_clusters, fragmented_clusters,
+		 compressed_clusters;
+	bool has_stats;
+};
+#define CHECK_FIX_LEAKS	0x1
+#define CHECK_FIX_ERRORS	0x2
+
+/* Size estimate (qemu-img measure). */
+struct measure_info {
+	uint64_t required, fully_allocated, bitmaps;
+	bool has_bitmaps;
+};
+
+const struct blk_driver *blk_find_driver(const char *name);
+/* NULL-terminated list of compiled-in drivers, in table order. */
+extern const struct blk_driver *const blk_drivers[];
+/* Probe: best-scoring driver for the first bytes of a file. */
+const struct blk_driver *blk_probe(const uint8_t *buf, size_t len,
+				   const char *filename);
+
+#endif

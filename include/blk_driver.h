@@ -1,0 +1,88 @@
+/* blk_driver.h - the format-driver interface: one const struct of
+ * callbacks per format (formats/NAME.c), registered by its
+ * "//format:FORMAT(NAME)" line and collected by kconfig/gen.sh.
+ *
+ * A driver sees only its own layer. It does all file I/O through bs->file
+ * (bfile_*), reads unallocated ranges through blk_read_backing(), returns
+ * 0 or -errno and puts detail in bs->errmsg or the struct err. */
+#ifndef IMGBOX_BLK_DRIVER_H
+#define IMGBOX_BLK_DRIVER_H
+
+#include "blk.h"
+
+/* Capabilities: explicit, never guessed from NULL callbacks. */
+#define BLK_CAP_CREATE		0x0001
+#define BLK_CAP_WRITE		0x0002
+#define BLK_CAP_BACKING		0x0004	/* images may have backing files */
+#define BLK_CAP_COMPRESS	0x0008	/* write_compressed works */
+#define BLK_CAP_ZERO_INIT	0x0010	/* a new image reads as zeroes */
+#define BLK_CAP_THREADSAFE	0x0020	/* callbacks may run concurrently */
+#define BLK_CAP_SNAPSHOTS	0x0040
+#define BLK_CAP_RESIZE		0x0080
+#define BLK_CAP_SHRINK		0x0100
+#define BLK_CAP_CHECK		0x0200
+#define BLK_CAP_AMEND		0x0400
+#define BLK_CAP_MEASURE		0x0800
+#define BLK_CAP_ZERO_WRITES	0x1000	/* pwrite_zeroes is cheap */
+
+struct blk_driver {
+	const char *name;
+	unsigned caps;
+	size_t state_size;		/* bytes of bs->opaque */
+	const struct optdesc *create_opts;	/* NULL-name terminated */
+
+	/* Score 0..100 for the first len bytes (at least 512 when the file
+	 * is that long). raw scores 1. */
+	int (*probe)(const uint8_t *buf, size_t len, const char *filename);
+	/* bs->file is open, bs->flags set. Set bs->size and, if any,
+	 * bs->backing_file/backing_fmt (malloc'd). */
+	int (*open)(struct blk *bs, struct err *e);
+	void (*close)(struct blk *bs);
+
+	int (*pread)(struct blk *bs, uint64_t off, void *buf, size_t len);
+	int (*pwrite)(struct blk *bs, uint64_t off, const void *buf,
+		      size_t len);
+	/* Optional: the layer falls back to writing zero buffers. */
+	int (*pwrite_zeroes)(struct blk *bs, uint64_t off, uint64_t len,
+			     unsigned flags);
+	int (*discard)(struct blk *bs, uint64_t off, uint64_t len);
+	/* Status of [off, off+len) in this layer; *pnum > 0 on success. Set
+	 * map and mfile with BLK_STAT_OFFSET. */
+	int (*block_status)(struct blk *bs, uint64_t off, uint64_t len,
+			    uint64_t *pnum, uint64_t *map,
+			    struct bfile **mfile);
+	int (*write_compressed)(struct blk *bs, uint64_t off, const void *buf,
+				size_t len);
+	int (*flush)(struct blk *bs);
+	int (*truncate)(struct blk *bs, uint64_t size, int prealloc,
+			bool shrink, struct err *e);
+
+	/* opts: size, backing_file, backing_fmt and create_opts entries,
+	 * already validated. The file does not exist yet or is truncated by
+	 * the driver. */
+	int (*create)(const char *filename, const struct optlist *opts,
+		      struct err *e);
+	int (*get_info)(struct blk *bs, struct blk_info *bi);
+	int (*check)(struct blk *bs, struct check_result *res, int fix);
+
+	int (*snapshot_list)(struct blk *bs, struct snapshot_info **list,
+			     int *n);
+	int (*snapshot_create)(struct blk *bs, const struct snapshot_info *sn,
+			       struct err *e);
+	int (*snapshot_apply)(struct blk *bs, const char *id_or_name,
+			      struct err *e);
+	int (*snapshot_delete)(struct blk *bs, const char *id,
+			       const char *name, struct err *e);
+	/* Rewrites the recorded backing file name/format (NULL file: none). */
+	int (*change_backing)(struct blk *bs, const char *file,
+			      const char *fmt, struct err *e);
+	int (*amend)(struct blk *bs, const struct optlist *opts, bool force,
+		     struct err *e);
+	/* in may be NULL (measure --size). */
+	int (*measure)(const struct optlist *opts, struct blk *in,
+		       uint64_t size, struct measure_info *mi, struct err *e);
+	/* Options recognised by create_opts printed on the Formatting line
+	 * (qemu-img create). NULL: the generic printer. */
+};
+
+#endif

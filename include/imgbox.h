@@ -1,0 +1,85 @@
+/* imgbox.h - what applets see: messages and dying, option parsing with
+ * generated FLAG_x bits, size parsing, output helpers.
+ *
+ * An applet file does "#define FOR_name" before including this header to
+ * get its FLAG_x / OPT_x definitions (generated from its option string). */
+#ifndef IMGBOX_H
+#define IMGBOX_H
+
+#include <errno.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include "platform.h"
+#include "blk.h"
+#include <generated/config.h>
+
+#define IMGBOX_VERSION "0.1"
+#define QEMU_COMPAT_VERSION "7.2.0"
+
+struct applet {
+	const char *name;		/* img-create, qemu-img, ... */
+	int (*main)(int argc, char **argv);
+	const char *shortopts;		/* getopt string; '*' after ':' = list */
+	const char *longopts;		/* "name[:][*][=c],..." */
+	const char *usage;
+};
+extern const struct applet applets[];
+extern const int applet_count;
+const struct applet *applet_find(const char *name);
+
+/* Parsed options of the running applet. */
+struct opts {
+	uint64_t flags;
+	char *arg[64];
+};
+extern struct opts opts;
+extern const char *progname;		/* prefix of every message */
+extern const struct applet *cur_applet;
+
+/* Parses argv by cur_applet's option strings into opts; returns optind.
+ * Unknown options and missing arguments die with qemu-img's messages. */
+int opts_parse(int argc, char **argv);
+
+void msg(const char *fmt, ...) PRINTF(1, 2);		/* "prog: ...\n" */
+NORETURN void die(const char *fmt, ...) PRINTF(1, 2);	/* msg + exit 1 */
+/* msg + "Try 'prog --help' for more information" + exit 1 */
+NORETURN void die_usage(const char *fmt, ...) PRINTF(1, 2);
+NORETURN void die_exit(int code);	/* runs the cleanup hook, exits */
+/* A file this command created, removed if the command dies. */
+void cleanup_file(const char *path);
+void cleanup_cancel(void);
+void print_usage(const struct applet *a, FILE *f);
+void qemu_img_help(void);
+
+/* "1 MiB", "4 KiB", "1.5 GiB" as qemu prints sizes. */
+void size_to_str(char *buf, size_t len, uint64_t size);
+/* Parses a size the way qemu-img's command line does; dies on error. */
+uint64_t cli_size(const char *s, const char *what);
+
+/* Snapshot table as qemu-img prints it, and one JSON SnapshotInfo. */
+void print_snapshot_table(const struct snapshot_info *sn, int n);
+void print_snapshot_row(const struct snapshot_info *sn);
+struct val *snapshot_to_val(struct val *arr, const struct snapshot_info *s);
+/* True if an -o string asks for help ("help" or "?"). */
+int opts_want_help(const char *o);
+/* -o help text and the "Formatting ..." line of create/convert. */
+struct blk_driver;
+void print_create_help(const struct blk_driver *drv, int with_protocol);
+void print_formatting(const char *filename, const struct blk_driver *drv,
+		      const struct optlist *ol);
+
+/* --output=human|json -> 0 / 1; dies on anything else. */
+int parse_output_format(const char *s);
+
+#define HAS(x) (opts.flags & FLAG_##x)
+#define ARG(x) (opts.arg[OPT_##x])
+
+#endif
+
+#ifdef FOR_APPLET_DONE
+#else
+#include <generated/flags.h>
+#endif

@@ -1,0 +1,57 @@
+#!/bin/bash
+# check.sh - what `make check` runs: C unit tests (sanitizer build), then the
+# applet tests twice, against the ASan/UBSan build and the static release
+# binary, each installed as a link named qemu-img. Prints one total line.
+set -u
+cd "$(dirname "$0")/.."
+root=$PWD
+pass=0 fail=0 skip=0
+links=$(mktemp -d)
+trap 'rm -rf "$links"' EXIT
+export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=0}
+export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
+export TZ=UTC LC_ALL=C
+
+count() {	# count LOGFILE: add the runner's "N passed, M failed" line
+	local line
+	line=$(grep -E '^[0-9]+ passed, [0-9]+ failed' "$1" | tail -1)
+	if [ -z "$line" ]; then
+		echo "check.sh: no result line in $1" >&2
+		fail=$((fail + 1))
+		return
+	fi
+	set -- $line
+	pass=$((pass + $1))
+	fail=$((fail + $3))
+	case "$line" in *skipped*) skip=$((skip + $5)) ;; esac
+}
+
+for u in build/san/unit/*; do
+	[ -x "$u" ] || continue
+	echo "== unit: ${u##*/}"
+	"$u" > "$links/unit.log" 2>&1
+	rc=$?
+	cat "$links/unit.log"
+	count "$links/unit.log"
+	[ $rc -eq 0 ] || grep -qE '^[0-9]+ passed, [1-9]' "$links/unit.log" ||
+		{ echo "unit ${u##*/} exited $rc"; fail=$((fail + 1)); }
+done
+
+for variant in san:build/san/imgbox release:imgbox; do
+	name=${variant%%:*} bin=$root/${variant#*:}
+	[ -x "$bin" ] || { echo "check.sh: $bin missing" >&2; fail=$((fail + 1)); continue; }
+	mkdir -p "$links/$name"
+	"$bin" --install -s "$links/$name" >/dev/null
+	echo "== applet tests: $name ($bin)"
+	QEMU_IMG=$links/$name/qemu-img IMGBOX=$bin IMGBOX_LINKS=$links/$name \
+		bash tests/run.sh "$@" 2>&1 | tee "$links/$name.log"
+	count "$links/$name.log"
+done
+
+echo
+if [ $skip -gt 0 ]; then
+	echo "$pass passed, $fail failed, $skip skipped"
+else
+	echo "$pass passed, $fail failed"
+fi
+[ $fail -eq 0 ]
