@@ -1,6 +1,6 @@
 # imgbox - one non-recursive Makefile.
 #   make                 static musl release binary ./imgbox (configs/defconfig)
-#   make san             glibc build with ASan+UBSan: build/san/imgbox
+#   make san             glibc build with ASan+UBSan: $(SANBUILD)/imgbox
 #   make check           unit + applet tests against both builds
 #   make defconfig | tiny_defconfig | oldconfig | menuconfig
 #   make size            binary size of each shipped configuration
@@ -15,6 +15,7 @@ BUILD   ?= build/release
 DEPS    := build/deps
 MUSL_CC ?= musl-gcc
 SAN_CC  ?= gcc
+SANBUILD ?= build/san
 KCONF   := kconfig-conf
 export KCONFIG_CONFIG := $(CONFIG)
 
@@ -77,25 +78,25 @@ $(OUT): $(REL_OBJS)
 	$(MUSL_CC) $(REL_LDFLAGS) -o $@ $(REL_OBJS) $(LIBS)
 
 # ---- developer build: glibc + sanitizers ----
-SAN_OBJS := $(patsubst %.c,build/san/%.o,$(SRCS))
-build/san/%.o: %.c $(GEN)/objs.mk
+SAN_OBJS := $(patsubst %.c,$(SANBUILD)/%.o,$(SRCS))
+$(SANBUILD)/%.o: %.c $(GEN)/objs.mk
 	@mkdir -p $(dir $@)
 	@echo "  CC      $@"
 	@$(SAN_CC) $(SAN_CFLAGS) -c $< -o $@
-build/san/imgbox: $(SAN_OBJS)
+$(SANBUILD)/imgbox: $(SAN_OBJS)
 	$(SAN_CC) $(SAN_LDFLAGS) -o $@ $(SAN_OBJS) $(LIBS)
-san: build/san/imgbox
+san: $(SANBUILD)/imgbox
 
 # ---- tests ----
 UNIT_SRCS := $(wildcard tests/unit/*.c)
-UNIT_BINS := $(patsubst tests/unit/%.c,build/san/unit/%,$(UNIT_SRCS))
-LIB_SAN_OBJS := $(filter build/san/block/% build/san/formats/%,$(SAN_OBJS))
-build/san/unit/%: tests/unit/%.c $(LIB_SAN_OBJS)
+UNIT_BINS := $(patsubst tests/unit/%.c,$(SANBUILD)/unit/%,$(UNIT_SRCS))
+LIB_SAN_OBJS := $(filter $(SANBUILD)/block/% $(SANBUILD)/formats/%,$(SAN_OBJS))
+$(SANBUILD)/unit/%: tests/unit/%.c $(LIB_SAN_OBJS)
 	@mkdir -p $(dir $@)
 	$(SAN_CC) $(SAN_CFLAGS) $(SAN_LDFLAGS) -o $@ $< $(LIB_SAN_OBJS) $(LIBS)
 
-check: $(OUT) build/san/imgbox $(UNIT_BINS)
-	@bash tests/check.sh
+check: $(OUT) $(SANBUILD)/imgbox $(UNIT_BINS)
+	@REL_BIN=$(OUT) SAN_BIN=$(SANBUILD)/imgbox UNIT_DIR=$(SANBUILD)/unit bash tests/check.sh
 
 # ---- sizes, benchmarks, fuzzing ----
 size:

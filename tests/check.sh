@@ -26,7 +26,7 @@ count() {	# count LOGFILE: add the runner's "N passed, M failed" line
 	case "$line" in *skipped*) skip=$((skip + $5)) ;; esac
 }
 
-for u in build/san/unit/*; do
+for u in "${UNIT_DIR:-build/san/unit}"/*; do
 	[ -x "$u" ] || continue
 	echo "== unit: ${u##*/}"
 	"$u" > "$links/unit.log" 2>&1
@@ -37,8 +37,8 @@ for u in build/san/unit/*; do
 		{ echo "unit ${u##*/} exited $rc"; fail=$((fail + 1)); }
 done
 
-for variant in san:build/san/imgbox release:imgbox; do
-	name=${variant%%:*} bin=$root/${variant#*:}
+for variant in "san:${SAN_BIN:-build/san/imgbox}" "release:${REL_BIN:-imgbox}"; do
+	name=${variant%%:*} bin=${variant#*:}; case $bin in /*) ;; *) bin=$root/$bin ;; esac
 	[ -x "$bin" ] || { echo "check.sh: $bin missing" >&2; fail=$((fail + 1)); continue; }
 	mkdir -p "$links/$name"
 	"$bin" --install -s "$links/$name" >/dev/null
