@@ -1,0 +1,353 @@
+# Helpers for tests/*.test.  run.sh starts one bash per .test file, sources
+# this file and then the .test file, with a fresh empty directory as cwd.
+#
+# Set by run.sh (exported):
+#   QEMU_IMG    program under test, called exactly like qemu-img
+#   ORACLE_IMG  the real qemu-img (oracle)       QEMU_IO  the real qemu-io
+#   IMGBOX      the imgbox binary, empty when running against the oracle
+#   TEST_FILE   name of the running .test file, without ".test"
+#   T_SCRATCH   private scratch directory of this .test file (not the cwd)
+#   RESULTS     file that collects one "PASS|FAIL|SKIP name" line per test
+#   VERBOSE     1 = print everything about a failure
+#
+# Test helpers (every COMMAND is a bash string evaluated in a subshell in the
+# cwd with stdin from /dev/null; quote it with '' so that $QEMU_IMG and $?
+# are expanded when the test runs):
+#   testing NAME COMMAND STDOUT          stdout must be STDOUT; exit code ignored
+#   testing_rc NAME RC COMMAND           exit code must be RC; output ignored
+#   testing_stderr NAME RC COMMAND ERR   exit code RC and stderr exactly ERR
+#   testing_stderr_has NAME RC COMMAND TEXT
+#                                        exit code RC, stderr contains TEXT
+#   testing_full NAME RC COMMAND STDOUT STDERR
+#                                        exit code, stdout and stderr exact
+#   same_as_oracle [OPTIONS] NAME ARG...
+#       runs "$QEMU_IMG ARG..." and "$ORACLE_IMG ARG..." each in its own copy
+#       of the cwd and compares exit code and stdout.  The absolute path of
+#       the copy is replaced by @DIR@ in the output.  OPTIONS:
+#         --stderr       compare stderr too
+#         --files "F.."  compare these files afterwards (existence, size,
+#                        content)
+#         --alloc        with --files, compare allocated blocks as well
+#         --sed EXPR     apply this sed expression to stdout/stderr of both
+#       The cwd itself is not changed.
+#
+# Expected texts are literal: no backslash escapes are interpreted.  A
+# non-empty expected text gets a final newline appended, so write it without
+# one; an empty expected text means "no output at all".  Use $'...' for
+# special characters.
+#
+# Skipping:
+#   skip_next REASON        the next test is recorded as SKIP
+#   skip_rest REASON        every later test of this file is recorded as SKIP
+#   skip_unless_imgbox      skip_rest when IMGBOX is empty (oracle mode)
+#
+# Utilities for commands and expected texts:
+#   fsize FILE              size in bytes
+#   alloc_bytes FILE        allocated bytes (st_blocks * 512), what qemu-img
+#                           calls "disk size" / "actual-size"
+#   human_size BYTES        the size as qemu-img prints it: "4 KiB", "1.5 MiB",
+#                           "0.977 MiB", "1e+03 KiB" (three significant digits)
+#   put_bytes FILE OFFSET LENGTH BYTE
+#                           write LENGTH bytes of value BYTE (0-255) at OFFSET
+#                           without truncating the file
+#   show_files              ls the cwd; returns the exit code of the command
+#                           before it ('$QEMU_IMG create ...; show_files'
+#                           checks both the status and what was created)
+#   keep_rc CMD [ARG...]    runs CMD, then returns the exit code of the command
+#                           before it: '$QEMU_IMG resize x 1M; keep_rc fsize x'
+#   nonzero_bytes FILE      number of bytes in FILE that are not zero
+#   seq_data LENGTH         LENGTH bytes of position-dependent text, for
+#                           source files whose every block is different
+
+_tl_skip_rest=
+_tl_skip_next=
+
+_tl_record()
+{
+  printf '%s %s\n' "$1" "$2" >> "$RESULTS"
+}
+
+# Write the expected text $2 to file $1 (final newline added unless empty).
+_tl_expect()
+{
+  if [ -z "$2" ]; then
+    : > "$1"
+  else
+    printf '%s\n' "$2" > "$1"
+  fi
+}
+
+# Returns 0 (and records SKIP) if this test is to be skipped.
+_tl_skipping()
+{
+  local why=$_tl_skip_rest
+
+  if [ -n "$_tl_skip_next" ]; then
+    why=$_tl_skip_next
+    _tl_skip_next=
+  fi
+  [ -n "$why" ] || return 1
+  _tl_record SKIP "$TEST_FILE: $1"
+  echo "SKIP: $TEST_FILE: $1 ($why)"
+  return 0
+}
+
+# Run the command string $1; stdout/stderr go to $_tl_out/$_tl_err, exit code
+# to $_tl_rc.
+_tl_run()
+{
+  _tl_out=$T_SCRATCH/stdout
+  _tl_err=$T_SCRATCH/stderr
+  ( eval "$1" ) < /dev/null > "$_tl_out" 2> "$_tl_err"
+  _tl_rc=$?
+}
+
+# Show a diff between two files; short unless VERBOSE.
+_tl_diff()
+{
+  local label=$1 exp=$2 got=$3
+
+  echo "  $label differs (-expected +actual):"
+  if [ "${VERBOSE:-0}" = 1 ]; then
+    diff -u --label expected --label actual "$exp" "$got" | tail -n +3 |
+      sed 's/^/    /'
+  else
+    diff -u --label expected --label actual "$exp" "$got" | tail -n +3 |
+      head -n 12 | sed 's/^/    /'
+  fi
+}
+
+_tl_show()
+{
+  local label=$1 file=$2
+
+  [ -s "$file" ] || return 0
+  echo "  $label:"
+  if [ "${VERBOSE:-0}" = 1 ]; then
+    sed 's/^/    /' "$file"
+  else
+    head -n 5 "$file" | sed 's/^/    /'
+  fi
+}
+
+# _tl_verdict NAME COMMAND FAILURE_TEXT_FILE: print PASS or FAIL.
+_tl_verdict()
+{
+  local name=$1 cmd=$2 why=$3
+
+  if [ ! -s "$why" ]; then
+    _tl_record PASS "$TEST_FILE: $name"
+    echo "PASS: $TEST_FILE: $name"
+    return 0
+  fi
+  _tl_record FAIL "$TEST_FILE: $name"
+  echo "FAIL: $TEST_FILE: $name"
+  if [ "${VERBOSE:-0}" = 1 ]; then
+    echo "  ran: $cmd"
+    echo "  (exit code $_tl_rc)"
+  fi
+  cat "$why"
+  return 1
+}
+
+# _tl_check NAME COMMAND RC STDOUT STDERR STDERR_HAS; "-" means "don't check".
+_tl_check()
+{
+  local name=$1 cmd=$2 rc=$3 out=$4 err=$5 has=$6
+  local why=$T_SCRATCH/why exp=$T_SCRATCH/expected
+
+  _tl_run "$cmd"
+  : > "$why"
+  if [ "$rc" != - ] && [ "$rc" != "$_tl_rc" ]; then
+    echo "  exit code: expected $rc, got $_tl_rc" >> "$why"
+  fi
+  if [ "$out" != - ]; then
+    _tl_expect "$exp" "$out"
+    cmp -s "$exp" "$_tl_out" || _tl_diff stdout "$exp" "$_tl_out" >> "$why"
+  elif [ -s "$why" ]; then
+    _tl_show stdout "$_tl_out" >> "$why"
+  fi
+  if [ "$err" != - ]; then
+    _tl_expect "$exp" "$err"
+    cmp -s "$exp" "$_tl_err" || _tl_diff stderr "$exp" "$_tl_err" >> "$why"
+  elif [ "$has" != - ]; then
+    if ! grep -qF -- "$has" "$_tl_err"; then
+      echo "  stderr does not contain: $has" >> "$why"
+      _tl_show stderr "$_tl_err" >> "$why"
+    fi
+  fi
+  # Unchecked stderr is shown only to explain a failure.
+  if [ -s "$why" ] && [ "$err" = - ] && [ "$has" = - ]; then
+    _tl_show stderr "$_tl_err" >> "$why"
+  fi
+  _tl_verdict "$name" "$cmd" "$why"
+}
+
+testing()
+{
+  _tl_skipping "$1" && return 0
+  _tl_check "$1" "$2" - "$3" - -
+}
+
+testing_rc()
+{
+  _tl_skipping "$1" && return 0
+  _tl_check "$1" "$3" "$2" - - -
+}
+
+testing_stderr()
+{
+  _tl_skipping "$1" && return 0
+  _tl_check "$1" "$3" "$2" - "$4" -
+}
+
+testing_stderr_has()
+{
+  _tl_skipping "$1" && return 0
+  _tl_check "$1" "$3" "$2" - - "$4"
+}
+
+testing_full()
+{
+  _tl_skipping "$1" && return 0
+  _tl_check "$1" "$3" "$2" "$4" "$5" -
+}
+
+# Run PROGRAM ARG... in a fresh copy of the cwd under DIR and write a report
+# (exit code, stdout, optionally stderr and files) to REPORT.
+_tl_oracle_side()
+{
+  local dir=$1 report=$2 prog=$3
+  shift 3
+  local f rc
+
+  rm -rf "$dir"
+  mkdir -p "$dir"
+  cp -a . "$dir"/
+  (cd "$dir" && "$prog" "$@") < /dev/null > "$dir.out" 2> "$dir.err"
+  rc=$?
+  {
+    echo "exit code: $rc"
+    echo "--- stdout"
+    sed -e "s|$dir|@DIR@|g" ${_tl_sed:+-e "$_tl_sed"} "$dir.out"
+    if [ -n "$_tl_cmp_err" ]; then
+      echo "--- stderr"
+      sed -e "s|$dir|@DIR@|g" ${_tl_sed:+-e "$_tl_sed"} "$dir.err"
+    fi
+    for f in $_tl_files; do
+      echo "--- file $f"
+      if [ -e "$dir/$f" ]; then
+        echo "size $(stat -c %s "$dir/$f")"
+        [ -z "$_tl_alloc" ] || echo "blocks $(stat -c %b "$dir/$f")"
+        echo "md5 $(md5sum < "$dir/$f" | cut -d' ' -f1)"
+      else
+        echo "missing"
+      fi
+    done
+  } > "$report"
+}
+
+same_as_oracle()
+{
+  local _tl_cmp_err= _tl_files= _tl_alloc= _tl_sed= name
+  local why=$T_SCRATCH/why
+
+  while :; do
+    case $1 in
+      --stderr) _tl_cmp_err=1; shift ;;
+      --files) _tl_files=$2; shift 2 ;;
+      --alloc) _tl_alloc=1; shift ;;
+      --sed) _tl_sed=$2; shift 2 ;;
+      *) break ;;
+    esac
+  done
+  name=$1
+  shift
+  _tl_skipping "$name" && return 0
+  # Both copies get paths of the same length so that nothing else moves.
+  _tl_oracle_side "$T_SCRATCH/cmp/tested" "$T_SCRATCH/rep.tested" \
+    "$QEMU_IMG" "$@"
+  _tl_rc=$(sed -n '1s/^exit code: //p' "$T_SCRATCH/rep.tested")
+  _tl_oracle_side "$T_SCRATCH/cmp/oracle" "$T_SCRATCH/rep.oracle" \
+    "$ORACLE_IMG" "$@"
+  : > "$why"
+  if ! cmp -s "$T_SCRATCH/rep.oracle" "$T_SCRATCH/rep.tested"; then
+    echo "  differs from the oracle (-oracle +tested):" >> "$why"
+    diff -u "$T_SCRATCH/rep.oracle" "$T_SCRATCH/rep.tested" | tail -n +3 |
+      if [ "${VERBOSE:-0}" = 1 ]; then cat; else head -n 12; fi |
+      sed 's/^/    /' >> "$why"
+  fi
+  _tl_verdict "$name" "qemu-img $*" "$why"
+}
+
+skip_next()
+{
+  _tl_skip_next=${1:-skipped}
+}
+
+skip_rest()
+{
+  _tl_skip_rest=${1:-skipped}
+}
+
+skip_unless_imgbox()
+{
+  [ -n "$IMGBOX" ] || skip_rest "imgbox only; IMGBOX is empty"
+}
+
+show_files()
+{
+  local rc=$?
+
+  ls
+  return $rc
+}
+
+keep_rc()
+{
+  local rc=$?
+
+  "$@"
+  return $rc
+}
+
+fsize()
+{
+  stat -c %s "$1"
+}
+
+alloc_bytes()
+{
+  echo $(( $(stat -c %b "$1") * 512 ))
+}
+
+# qemu-img prints sizes with three significant digits ("%.3g") and moves to
+# the next binary unit once the number would reach 1000 of the current one.
+human_size()
+{
+  awk -v n="$1" 'BEGIN {
+    split("B KiB MiB GiB TiB PiB EiB", unit, " ")
+    i = 1; div = 1
+    while (i < 7 && n >= 1000 * div) { i++; div *= 1024 }
+    printf "%.3g %s\n", n / div, unit[i]
+  }'
+}
+
+put_bytes()
+{
+  local file=$1 off=$2 len=$3 byte=$4
+
+  head -c "$len" /dev/zero | tr '\0' "\\$(printf '%03o' "$byte")" |
+    dd of="$file" bs=4096 seek="$off" oflag=seek_bytes conv=notrunc \
+      status=none
+}
+
+nonzero_bytes()
+{
+  tr -d '\0' < "$1" | wc -c
+}
+
+seq_data()
+{
+  seq -f '%015g' 1 $(( $1 / 16 + 1 )) | head -c "$1"
+}
