@@ -57,7 +57,7 @@ int create_main(int argc, char **argv)
 		die("%s: Format driver '%s' does not support image creation",
 		    filename, fmt);
 	if (HAS(o) && optlist_parse(&ol, ARG(o), &e) < 0)
-		die("%s: %s", filename, e.msg);
+		die("%s", e.msg);
 	if (optlist_validate(&ol, drv->create_opts, fmt, &e) < 0)
 		die("%s: %s", filename, e.msg);
 	if (num[0]) {

@@ -72,6 +72,24 @@ static char *resolve_backing(const char *image, const char *backing)
 	return out;
 }
 
+/* "file:NAME" names a plain file; any other "WORD:" prefix (before the
+ * first '/') names a protocol we do not have. */
+int blk_strip_protocol(const char *name, const char **out, struct err *e)
+{
+	const char *colon = strchr(name, ':');
+	const char *slash = strchr(name, '/');
+
+	*out = name;
+	if (!colon || (slash && slash < colon))
+		return 0;
+	if (colon - name == 4 && !strncmp(name, "file", 4)) {
+		*out = colon + 1;
+		return 0;
+	}
+	err_set(e, "Unknown protocol '%.*s'", (int)(colon - name), name);
+	return -EINVAL;
+}
+
 char *blk_backing_path(const struct blk *bs)
 {
 	if (!bs->backing_file || !bs->backing_file[0])
@@ -141,6 +159,9 @@ static int blk_open_depth(struct blk **pbs, const char *filename,
 	int ret;
 
 	*pbs = NULL;
+	ret = blk_strip_protocol(filename, &filename, e);
+	if (ret < 0)
+		return ret;
 	if (fmt) {
 		drv = blk_find_driver(fmt);
 		if (!drv) {
@@ -495,6 +516,9 @@ int blk_create(const char *fmt, const char *filename, struct optlist *opts,
 	const struct blk_driver *drv = blk_find_driver(fmt);
 	int ret;
 
+	ret = blk_strip_protocol(filename, &filename, e);
+	if (ret < 0)
+		return ret;
 	if (!drv) {
 		err_set(e, "Unknown file format '%s'", fmt);
 		return -EINVAL;

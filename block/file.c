@@ -339,10 +339,6 @@ int bfile_truncate(struct bfile *f, uint64_t size, int prealloc,
 		err_set(e, "Unsupported preallocation mode: metadata");
 		return -ENOTSUP;
 	}
-	if (size > INT64_MAX) {
-		err_set(e, "File size too large");
-		return -EFBIG;
-	}
 	if (prealloc == PREALLOC_FALLOC && size > (uint64_t)old) {
 		ret = posix_fallocate(f->fd, old, (off_t)(size - (uint64_t)old));
 		if (ret) {

@@ -250,6 +250,10 @@ int optlist_parse(struct optlist *l, const char *s, struct err *e)
 	size_t vlen = strlen(s) + 1;
 	int ret = 0;
 
+	if (!*s) {
+		err_set(e, "Invalid option list: ");
+		return -EINVAL;
+	}
 	value = malloc(vlen);
 	if (!value)
 		return -ENOMEM;
@@ -282,6 +286,11 @@ int optlist_get_size(const struct optlist *l, const char *name,
 
 	if (!v)
 		return 0;
+	if (parse_size(v, out) == -ERANGE) {
+		err_set(e, "Value '%s' is out of range for parameter '%s'", v,
+			name);
+		return -EINVAL;
+	}
 	if (parse_size(v, out) < 0) {
 		err_set(e, "Parameter '%s' expects a non-negative number below "
 			"2^64\nOptional suffix k, M, G, T, P or E means kilo-, "

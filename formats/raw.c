@@ -40,7 +40,9 @@ static int raw_open(struct blk *bs, struct err *e)
 			strerror((int)-size));
 		return (int)size;
 	}
-	bs->size = (uint64_t)size;
+	/* QEMU sees a raw file in whole 512-byte sectors; the tail past
+	 * the end of the file reads as zeroes. */
+	bs->size = ALIGN_UP((uint64_t)size, 512);
 	return 0;
 }
 
@@ -117,13 +119,21 @@ static int raw_create(const char *filename, const struct optlist *opts,
 			 CACHE_WRITEBACK, e);
 	if (ret < 0)
 		return ret;
+	if (size > INT64_MAX - 511) {
+		bfile_close(f);
+		err_set(e, "Could not resize file: %s", strerror(EINVAL));
+		return -EINVAL;
+	}
+	size = ALIGN_UP(size, 512);
 	ret = bfile_truncate(f, size, prealloc, e);
+	if (ret == -EFBIG)
+		err_set(e, "The image size is too large for file format 'raw'");
 	/* Like QEMU, allocate the first block of a sparse image so that
 	 * later O_DIRECT alignment probing finds real blocks; this also
 	 * makes map and disk size agree with qemu-img. */
 	if (!ret && prealloc == PREALLOC_OFF && size && !f->is_blockdev) {
 		static const char zero[4096];
-		ret = bfile_pwrite(f, 0, zero, (size_t)MIN(size, 4096));
+		ret = bfile_pwrite(f, 0, zero, size < 4096 ? 512 : 4096);
 		if (ret < 0)
 			err_set(e, "Could not write to the new file: %s",
 				strerror(-ret));

@@ -142,6 +142,8 @@ struct blk {
 int blk_open(struct blk **pbs, const char *filename, const char *fmt,
 	     unsigned flags, int cache, struct err *e);
 void blk_close(struct blk *bs);	/* flushes if writable */
+/* Strips "file:"; other "proto:" prefixes are an error. */
+int blk_strip_protocol(const char *name, const char **out, struct err *e);
 /* Path the recorded backing file name resolves to (relative names are
  * relative to the image's directory); malloc'd, NULL if none. */
 char *blk_backing_path(const struct blk *bs);
