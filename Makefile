@@ -4,6 +4,7 @@
 #   make check           unit + applet tests against both builds
 #   make defconfig | tiny_defconfig | oldconfig | menuconfig
 #   make size            binary size of each shipped configuration
+#   make demo            the main job on a small generated image
 #   make bench           convert benchmark against qemu-img
 #   make fuzz            libFuzzer targets (clang)
 #   make clean | distclean
@@ -111,6 +112,9 @@ tiny-config:
 	@test -f $(CONFIG) || { mkdir -p $(dir $(CONFIG)); \
 		$(KCONF) --defconfig=configs/tiny_defconfig Kconfig >/dev/null; }
 
+demo: $(OUT)
+	@bash tools/demo.sh
+
 bench: $(OUT)
 	@bash bench/run.sh
 
@@ -122,7 +126,7 @@ clean:
 distclean: clean
 	rm -rf build include/generated .config .config.old
 
-.PHONY: all san check size tiny-config bench fuzz clean distclean \
+.PHONY: all san check size tiny-config demo bench fuzz clean distclean \
 	defconfig oldconfig olddefconfig menuconfig savedefconfig
 .DELETE_ON_ERROR:
 
