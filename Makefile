@@ -40,9 +40,10 @@ include/generated/Config.applets.in include/generated/Config.formats.in: \
 		$(KSRC) kconfig/gen.sh
 	@sh kconfig/gen.sh kconfig
 
+DEFCONFIG ?= configs/defconfig
 $(CONFIG): | include/generated/Config.applets.in
 	@mkdir -p $(dir $(CONFIG))
-	@$(KCONF) --defconfig=configs/defconfig Kconfig >/dev/null
+	@$(KCONF) --defconfig=$(DEFCONFIG) Kconfig >/dev/null
 
 $(GEN)/objs.mk: $(CONFIG) $(KSRC) kconfig/gen.sh Kconfig \
 		include/generated/Config.applets.in
@@ -102,15 +103,13 @@ check: $(OUT) $(SANBUILD)/imgbox $(UNIT_BINS)
 # ---- sizes, benchmarks, fuzzing ----
 size:
 	@$(MAKE) --no-print-directory $(OUT) >/dev/null
+	@rm -f build/tiny/.config
 	@$(MAKE) --no-print-directory CONFIG=build/tiny/.config \
-		GEN=build/tiny/generated BUILD=build/tiny OUT=build/tiny/imgbox \
-		tiny-config build/tiny/imgbox >/dev/null
+		DEFCONFIG=configs/tiny_defconfig GEN=build/tiny/generated \
+		BUILD=build/tiny OUT=build/tiny/imgbox build/tiny/imgbox >/dev/null
 	@printf '%-16s %10s\n' config bytes
 	@printf '%-16s %10s\n' defconfig $$(stat -c %s $(OUT))
 	@printf '%-16s %10s\n' tiny_defconfig $$(stat -c %s build/tiny/imgbox)
-tiny-config:
-	@test -f $(CONFIG) || { mkdir -p $(dir $(CONFIG)); \
-		$(KCONF) --defconfig=configs/tiny_defconfig Kconfig >/dev/null; }
 
 demo: $(OUT)
 	@bash tools/demo.sh
@@ -126,7 +125,7 @@ clean:
 distclean: clean
 	rm -rf build include/generated .config .config.old
 
-.PHONY: all san check size tiny-config demo bench fuzz clean distclean \
+.PHONY: all san check size demo bench fuzz clean distclean \
 	defconfig oldconfig olddefconfig menuconfig savedefconfig
 .DELETE_ON_ERROR:
 
