@@ -110,6 +110,12 @@ int main(int argc, char **argv)
 			name = slash + 1;
 	}
 	a = applet_find(name);
+	if (!a && strncmp(name, "img-", 4)) {
+		/* "imgbox info x.img" means img-info */
+		char full[64];
+		snprintf(full, sizeof(full), "img-%s", name);
+		a = applet_find(full);
+	}
 	if (!a) {
 		fprintf(stderr, "%s: applet not found\n", name);
 		return 127;

@@ -247,7 +247,7 @@ int optlist_parse(struct optlist *l, const char *s, struct err *e)
 {
 	char name[256], *value = NULL;
 	const char *p = s;
-	size_t vlen = strlen(s) + 1;
+	size_t vlen = strlen(s) + 3;	/* room for "on" */
 	int ret = 0;
 
 	if (!*s) {

@@ -40,6 +40,8 @@
 #   skip_next REASON        the next test is recorded as SKIP
 #   skip_rest REASON        every later test of this file is recorded as SKIP
 #   skip_unless_imgbox      skip_rest when IMGBOX is empty (oracle mode)
+#   require_applet NAME...  skip_rest unless img-NAME is in the build
+#   require_format FMT...   skip_rest unless qemu-img --help lists FMT
 #
 # Utilities for commands and expected texts:
 #   fsize FILE              size in bytes
@@ -288,6 +290,29 @@ skip_next()
 skip_rest()
 {
   _tl_skip_rest=${1:-skipped}
+}
+
+# require_applet NAME...: skip_rest unless every img-NAME is compiled into
+# the binary under test (a configuration may leave applets out). The real
+# qemu-img has them all.
+require_applet()
+{
+  local a
+  [ -n "$IMGBOX" ] || return 0
+  for a in "$@"; do
+    "$IMGBOX" --list 2>/dev/null | grep -qx "img-$a" ||
+      { skip_rest "img-$a is not in this build"; return 0; }
+  done
+}
+
+# require_format FMT...: skip_rest unless qemu-img --help lists every FMT.
+require_format()
+{
+  local f
+  for f in "$@"; do
+    "$QEMU_IMG" --help 2>/dev/null | grep '^Supported formats:' |
+      grep -qw -- "$f" || { skip_rest "format $f is not in this build"; return 0; }
+  done
 }
 
 skip_unless_imgbox()
