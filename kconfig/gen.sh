@@ -87,7 +87,9 @@ for f in applets/*.c; do
 	enabled "$sym" || continue
 	echo "SRCS += $f" >> "$G/objs.mk.tmp"
 	# usage = help text of the applet's own config entry
-	usage=$(sed -n "/^\/\/config:config $sym\$/,/^\/\/config:config /p" "$f" |
+	# (only //config: lines: the last entry's range runs to the end)
+	usage=$(grep '^//config:' "$f" |
+		sed -n "/^\/\/config:config $sym\$/,/^\/\/config:config /p" |
 		sed -n '/^\/\/config:[[:space:]]*help/,$p' | sed '1d' |
 		grep -v '^//config:config ' | sed 's,^//config:,,; s,^\t  ,,; s,^\t,,')
 	printf '%s\t%s\n' "$id" "$line" >> "$G/applets.list.tmp"
