@@ -83,6 +83,18 @@ struct blk_driver {
 		       uint64_t size, struct measure_info *mi, struct err *e);
 	/* Options recognised by create_opts printed on the Formatting line
 	 * (qemu-img create). NULL: the generic printer. */
+
+	/* Optional pair that lets convert compress on all cores and still
+	 * commit in order. compress is called WITHOUT bs->lock and must only
+	 * read settings fixed at open: it compresses one cluster (len <=
+	 * cluster size, padded by the caller) into dst and returns the
+	 * compressed length, or -ENOSPC when it does not fit in dstlen (the
+	 * caller then writes the cluster uncompressed). write_precompressed
+	 * stores such a result as the compressed cluster at off. */
+	long (*compress)(struct blk *bs, void *dst, size_t dstlen,
+			 const void *src, size_t len);
+	int (*write_precompressed)(struct blk *bs, uint64_t off,
+				   const void *cbuf, size_t clen);
 };
 
 #endif
