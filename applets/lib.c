@@ -375,3 +375,40 @@ void print_formatting(const char *filename, const struct blk_driver *drv,
 	fflush(stdout);
 }
 
+
+/* qemu's warning whenever a probed raw image is opened for writing. */
+void warn_probed_raw(const struct blk *bs)
+{
+	if (!(bs->flags & BLK_O_PROBED) || !(bs->flags & BLK_O_RDWR) ||
+	    strcmp(bs->drv->name, "raw"))
+		return;
+	fflush(stdout);
+	fprintf(stderr, "WARNING: Image format was not specified for '%s' and "
+		"probing guessed raw.\n         Automatically detecting the "
+		"format is dangerous for raw images, write operations on "
+		"block 0 will be restricted.\n         Specify the 'raw' format "
+		"explicitly to remove the restrictions.\n", bs->filename);
+}
+
+struct blk *open_image(const char *filename, const char *fmt, unsigned flags,
+		       int cache)
+{
+	struct blk *bs;
+	struct err e = { "" };
+	int ret = blk_open(&bs, filename, fmt, flags, cache, &e);
+
+	if (ret < 0)
+		die("Could not open '%s': %s", filename,
+		    e.msg[0] ? e.msg : strerror(-ret));
+	warn_probed_raw(bs);
+	return bs;
+}
+
+int parse_cache_or_die(const char *s, int def, bool source)
+{
+	int mode = def;
+
+	if (s && blk_parse_cache(s, &mode) < 0)
+		die("Invalid %scache option: %s", source ? "source " : "", s);
+	return mode;
+}

@@ -71,6 +71,16 @@ void print_create_help(const struct blk_driver *drv, int with_protocol);
 void print_formatting(const char *filename, const struct blk_driver *drv,
 		      const struct optlist *ol);
 
+/* qemu's WARNING for a probed raw image opened read-write. */
+void warn_probed_raw(const struct blk *bs);
+/* blk_open or die with qemu-img's "Could not open 'X': ..." message; warns
+ * about probed raw images opened for writing. */
+struct blk *open_image(const char *filename, const char *fmt, unsigned flags,
+		       int cache);
+/* -t (source false) / -T (source true) value, or def when s is NULL; dies
+ * with qemu-img's message on an unknown mode. */
+int parse_cache_or_die(const char *s, int def, bool source);
+
 /* --output=human|json -> 0 / 1; dies on anything else. */
 int parse_output_format(const char *s);
 
