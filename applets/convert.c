@@ -45,6 +45,7 @@
 #include "convert.h"
 
 static volatile sig_atomic_t usr1;
+static struct blk **src;	/* static: still reachable when we die */
 static bool show_progress;
 static double last_pct = -100;
 
@@ -144,7 +145,7 @@ int convert_main(int argc, char **argv)
 	struct convert_opts co = { 0 };
 	struct optlist ol = { 0 };
 	struct err e = { "" };
-	struct blk **src, *tgt;
+	struct blk *tgt;
 	uint64_t total = 0, sparse = CONVERT_DEFAULT_SPARSE, rate = 0;
 	int i = opts_parse(argc, argv), nsrc, src_cache, tgt_cache, ret;
 	unsigned sflags;
