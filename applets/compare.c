@@ -1,0 +1,412 @@
+/* compare.c - img-compare: do two images show the guest the same bytes? */
+//config:config APPLET_COMPARE
+//config:	bool "img-compare"
+//config:	default y
+//config:	help
+//config:	  usage: img-compare [--object objectdef] [--image-opts] [-f fmt] [-F fmt] [-T src_cache] [-p] [-q] [-s] [-U] filename1 filename2
+//config:
+//config:	  Compare the guest-visible contents of two images. Ranges that
+//config:	  both images report as zero or unallocated are not read.
+//config:
+//config:	  -f FMT    format of the first image (default: probe)
+//config:	  -F FMT    format of the second image (default: probe)
+//config:	  -T CACHE  cache mode for reading (default writeback)
+//config:	  -p        show progress
+//config:	  -q        quiet: only the exit code tells
+//config:	  -s        strict: different sizes or allocation also differ
+//config:	  -U        force share (no locking)
+//config:
+//config:	  Exit code: 0 identical, 1 different, 2 an image could not be
+//config:	  opened, 3 block status failed, 4 a read failed.
+//applet:APPLET(compare, "img-compare", "f:F:T:pqsU", "object:*,image-opts,force-share=U")
+
+#define FOR_compare
+#include <pthread.h>
+#include <unistd.h>
+#include "imgbox.h"
+#include "blk_driver.h"
+
+/* qemu-img compares in pieces of this size, and a read error names the
+ * start of the piece, so we cut the same pieces. */
+#define PIECE		(2u << 20)
+#define SECTOR		512u
+#define QUEUE_LEN	16
+/* Our status bit for "this extent ends at the end of the image", which
+ * qemu's block status carries and strict mode compares. */
+#define STAT_EOF	0x100
+
+/* NOTHING: a zero range, queued only to keep progress in order */
+enum { CMP_BOTH, ZERO_1, ZERO_2, NOTHING };
+enum { RES_SAME, RES_DIFF, RES_READ_ERR };
+
+struct task {
+	uint64_t off, len;
+	int kind;
+	int done;
+	int res;		/* RES_* */
+	uint64_t where;		/* RES_DIFF: offset; RES_READ_ERR: piece */
+	int err, which;		/* RES_READ_ERR: errno, image 0/1 */
+};
+
+struct cmp {
+	struct blk *bs[2];
+	const char *name[2];
+	bool quiet;
+	struct task q[QUEUE_LEN];
+	unsigned head, tail, take;	/* consume, fill, worker cursors */
+	bool stop;
+	pthread_mutex_t lock;
+	pthread_cond_t work, done;
+	pthread_t *threads;
+	int nthreads;
+	/* progress (-p), as qemu-img prints it */
+	bool progress;
+	float cur, last;
+	uint64_t progress_base;
+};
+
+static void progress_print(struct cmp *c, uint64_t delta)
+{
+	if (!c->progress)
+		return;
+	if (c->progress_base)
+		c->cur += (float)delta / (float)c->progress_base * 100.0f;
+	if (c->cur > 100)
+		c->cur = 100;
+	if (c->cur > c->last + 2.0f || c->cur == 0 || c->cur == 100 ||
+	    delta == 0) {
+		c->last = c->cur;
+		printf("    (%3.2f/100%%)\r", (double)c->cur);
+		fflush(stdout);
+	}
+}
+
+static bool all_zero(const uint8_t *p, size_t n)
+{
+	/* p[0] == 0 and every byte equals its successor */
+	return !n || (!p[0] && !memcmp(p, p + 1, n - 1));
+}
+
+/* Offset (from buf) of the first 512-byte block that is not all zero, or
+ * -1: qemu-img reports mismatches against zero in whole sectors. */
+static int64_t first_nonzero_block(const uint8_t *buf, size_t len)
+{
+	if (all_zero(buf, len))
+		return -1;
+	for (size_t i = 0; i < len; i += SECTOR)
+		if (!all_zero(buf + i, MIN(SECTOR, len - i)))
+			return (int64_t)i;
+	return -1;
+}
+
+/* Offset of the first 512-byte block where a and b differ, or -1. */
+static int64_t first_diff_block(const uint8_t *a, const uint8_t *b,
+				size_t len)
+{
+	size_t step = 64 << 10;
+
+	for (size_t i = 0; i < len; i += step) {
+		size_t n = MIN(step, len - i);
+		if (!memcmp(a + i, b + i, n))
+			continue;
+		for (size_t j = i; j < i + n; j += SECTOR)
+			if (memcmp(a + j, b + j, MIN(SECTOR, i + n - j)))
+				return (int64_t)j;
+	}
+	return -1;
+}
+
+static void run_task(struct cmp *c, struct task *t, uint8_t *b1, uint8_t *b2)
+{
+	int64_t at;
+	int ret;
+
+	t->res = RES_SAME;
+	if (t->kind == NOTHING)
+		return;
+	if (t->kind == CMP_BOTH) {
+		ret = blk_pread(c->bs[0], t->off, b1, t->len);
+		if (ret < 0) {
+			t->which = 0;
+			goto read_err;
+		}
+		ret = blk_pread(c->bs[1], t->off, b2, t->len);
+		if (ret < 0) {
+			t->which = 1;
+			goto read_err;
+		}
+		at = first_diff_block(b1, b2, t->len);
+	} else {
+		t->which = t->kind == ZERO_1 ? 0 : 1;
+		ret = blk_pread(c->bs[t->which], t->off, b1, t->len);
+		if (ret < 0)
+			goto read_err;
+		at = first_nonzero_block(b1, t->len);
+	}
+	if (at >= 0) {
+		t->res = RES_DIFF;
+		t->where = t->off + (uint64_t)at;
+	}
+	return;
+read_err:
+	t->res = RES_READ_ERR;
+	t->where = t->off;
+	t->err = -ret;
+}
+
+static void *worker(void *arg)
+{
+	struct cmp *c = arg;
+	uint8_t *b1 = blk_alloc_buf(PIECE), *b2 = blk_alloc_buf(PIECE);
+
+	pthread_mutex_lock(&c->lock);
+	for (;;) {
+		struct task *t;
+
+		while (!c->stop && c->take == c->tail)
+			pthread_cond_wait(&c->work, &c->lock);
+		if (c->stop)
+			break;
+		t = &c->q[c->take++ % QUEUE_LEN];
+		pthread_mutex_unlock(&c->lock);
+		if ((!b1 || !b2) && t->kind != NOTHING) {
+			t->res = RES_READ_ERR;
+			t->where = t->off;
+			t->err = ENOMEM;
+			t->which = 0;
+		} else
+			run_task(c, t, b1, b2);
+		pthread_mutex_lock(&c->lock);
+		t->done = 1;
+		pthread_cond_broadcast(&c->done);
+	}
+	pthread_mutex_unlock(&c->lock);
+	free(b1);
+	free(b2);
+	return NULL;
+}
+
+static void stop_workers(struct cmp *c)
+{
+	pthread_mutex_lock(&c->lock);
+	c->stop = true;
+	pthread_cond_broadcast(&c->work);
+	pthread_mutex_unlock(&c->lock);
+	for (int i = 0; i < c->nthreads; i++)
+		pthread_join(c->threads[i], NULL);
+	free(c->threads);
+	c->nthreads = 0;
+}
+
+/* Ends the command: progress line, close, exit code. */
+NORETURN static void finish(struct cmp *c, int code)
+{
+	if (c->nthreads)
+		stop_workers(c);
+	if (c->progress)
+		printf("\n");
+	blk_close(c->bs[0]);
+	blk_close(c->bs[1]);
+	die_exit(code);
+}
+
+/* Waits for the oldest queued piece; a mismatch or error there ends the
+ * command, since every piece before it has already been found equal. */
+static void consume_one(struct cmp *c)
+{
+	struct task *t = &c->q[c->head % QUEUE_LEN];
+
+	pthread_mutex_lock(&c->lock);
+	while (!t->done)
+		pthread_cond_wait(&c->done, &c->lock);
+	c->head++;
+	pthread_mutex_unlock(&c->lock);
+	if (t->res == RES_DIFF) {
+		if (!c->quiet)
+			printf("Content mismatch at offset %llu!\n",
+			       (unsigned long long)t->where);
+		finish(c, 1);
+	}
+	if (t->res == RES_READ_ERR) {
+		msg("Error while reading offset %llu of %s: %s",
+		    (unsigned long long)t->where, c->name[t->which],
+		    strerror(t->err));
+		finish(c, 4);
+	}
+	progress_print(c, t->len);
+}
+
+static void drain(struct cmp *c)
+{
+	while (c->head != c->tail)
+		consume_one(c);
+}
+
+static void queue_piece(struct cmp *c, uint64_t off, uint64_t len, int kind)
+{
+	struct task *t;
+
+	if (!c->nthreads) {
+		long n = sysconf(_SC_NPROCESSORS_ONLN);
+		c->nthreads = (int)MIN(MAX(n, 2), 8);
+		c->threads = calloc((size_t)c->nthreads, sizeof(pthread_t));
+		if (!c->threads)
+			die("out of memory");
+		for (int i = 0; i < c->nthreads; i++)
+			if (pthread_create(&c->threads[i], NULL, worker, c))
+				die("Could not start a thread");
+	}
+	if (c->tail - c->head == QUEUE_LEN)
+		consume_one(c);
+	t = &c->q[c->tail % QUEUE_LEN];
+	memset(t, 0, sizeof(*t));
+	t->off = off;
+	t->len = len;
+	t->kind = kind;
+	pthread_mutex_lock(&c->lock);
+	c->tail++;
+	pthread_cond_signal(&c->work);
+	pthread_mutex_unlock(&c->lock);
+}
+
+/* Queue [off, off+len) in qemu-img's pieces. */
+static void queue_range(struct cmp *c, uint64_t off, uint64_t len, int kind)
+{
+	while (len) {
+		uint64_t n = MIN(len, PIECE);
+		queue_piece(c, off, n, kind);
+		off += n;
+		len -= n;
+	}
+}
+
+/* Block status through the whole chain, with the bits qemu's strict mode
+ * compares: a data extent whose host range is a hole in the file reads as
+ * zero, and the extent that reaches the end of the image carries EOF. */
+static int status(struct cmp *c, int i, uint64_t off, uint64_t *pnum)
+{
+	struct blk *bs = c->bs[i];
+	struct bfile *mf;
+	uint64_t map, n;
+	int depth, st;
+
+	st = blk_block_status_above(bs, NULL, off, bs->size - off, pnum, &map,
+				    &mf, &depth);
+	if (st < 0) {
+		msg("Sector allocation test failed for %s", c->name[i]);
+		finish(c, 3);
+	}
+	if ((st & (BLK_STAT_DATA | BLK_STAT_OFFSET | BLK_STAT_ZERO)) ==
+	    (BLK_STAT_DATA | BLK_STAT_OFFSET) && mf) {
+		int fs = bfile_block_status(mf, map, *pnum, &n);
+		if (fs >= 0 && (fs & BLK_STAT_ZERO)) {
+			st |= BLK_STAT_ZERO;
+			*pnum = MIN(*pnum, n);
+		}
+	}
+	st &= BLK_STAT_DATA | BLK_STAT_ZERO | BLK_STAT_ALLOCATED |
+	      BLK_STAT_OFFSET | BLK_STAT_COMPRESSED;
+	if (off + *pnum == bs->size)
+		st |= STAT_EOF;
+	return st;
+}
+
+static void open_one(struct cmp *c, int i, const char *fmt, unsigned flags,
+		     int cache)
+{
+	struct err e = { "" };
+	int ret = blk_open(&c->bs[i], c->name[i], fmt, flags, cache, &e);
+
+	if (ret < 0) {
+		msg("Could not open '%s': %s", c->name[i],
+		    e.msg[0] ? e.msg : strerror(-ret));
+		finish(c, 2);
+	}
+}
+
+int compare_main(int argc, char **argv)
+{
+	static struct cmp c;
+	int i = opts_parse(argc, argv), cache = CACHE_WRITEBACK;
+	uint64_t off = 0, min_size, max_size;
+
+	pthread_mutex_init(&c.lock, NULL);
+	pthread_cond_init(&c.work, NULL);
+	pthread_cond_init(&c.done, NULL);
+	if (argc - i != 2)
+		die_usage("Expecting two image file names");
+	if (HAS(image_opts))
+		die("--image-opts is not supported");
+	c.name[0] = argv[i];
+	c.name[1] = argv[i + 1];
+	c.quiet = HAS(q);
+	c.progress = HAS(p) && !c.quiet;
+	if (HAS(T) && blk_parse_cache(ARG(T), &cache) < 0) {
+		msg("Invalid source cache option: %s", ARG(T));
+		finish(&c, 2);
+	}
+	/* Read-only: compare never opens an image for writing. */
+	open_one(&c, 0, HAS(f) ? ARG(f) : NULL, HAS(U) ? BLK_O_SHARE : 0,
+		 cache);
+	open_one(&c, 1, HAS(F) ? ARG(F) : NULL, HAS(U) ? BLK_O_SHARE : 0,
+		 cache);
+
+	min_size = MIN(c.bs[0]->size, c.bs[1]->size);
+	max_size = MAX(c.bs[0]->size, c.bs[1]->size);
+	c.progress_base = max_size;
+	progress_print(&c, 0);
+
+	if (HAS(s) && c.bs[0]->size != c.bs[1]->size) {
+		if (!c.quiet)
+			printf("Strict mode: Image size mismatch!\n");
+		finish(&c, 1);
+	}
+
+	while (off < min_size) {
+		uint64_t n1, n2, n;
+		int s1 = status(&c, 0, off, &n1);
+		int s2 = status(&c, 1, off, &n2);
+		bool a1 = s1 & BLK_STAT_ALLOCATED, a2 = s2 & BLK_STAT_ALLOCATED;
+
+		n = MIN(n1, n2);
+		if (HAS(s) && s1 != s2) {
+			/* earlier pieces may still hold a mismatch */
+			drain(&c);
+			if (!c.quiet)
+				printf("Strict mode: Offset %llu block status "
+				       "mismatch!\n", (unsigned long long)off);
+			finish(&c, 1);
+		}
+		if ((s1 & BLK_STAT_ZERO) && (s2 & BLK_STAT_ZERO))
+			queue_piece(&c, off, n, NOTHING);
+		else if (a1 == a2)
+			queue_range(&c, off, n, CMP_BOTH);
+		else
+			queue_range(&c, off, n, a1 ? ZERO_1 : ZERO_2);
+		off += n;
+	}
+
+	if (c.bs[0]->size != c.bs[1]->size) {
+		int big = c.bs[0]->size > c.bs[1]->size ? 0 : 1;
+
+		drain(&c);
+		if (!c.quiet)
+			printf("Warning: Image size mismatch!\n");
+		/* The longer image must read as zero past the other's end. */
+		while (off < max_size) {
+			uint64_t n;
+			int st = status(&c, big, off, &n);
+
+			if ((st & BLK_STAT_ALLOCATED) && !(st & BLK_STAT_ZERO))
+				queue_range(&c, off, n,
+					    big ? ZERO_2 : ZERO_1);
+			else
+				queue_piece(&c, off, n, NOTHING);
+			off += n;
+		}
+	}
+	drain(&c);
+	if (!c.quiet)
+		printf("Images are identical.\n");
+	finish(&c, 0);
+}
