@@ -7,6 +7,7 @@
 #   make demo            the main job on a small generated image
 #   make bench           convert benchmark against qemu-img
 #   make fuzz            libFuzzer targets (clang)
+#   make fuzz-smoke      ... and a short run of each
 #   make clean | distclean
 
 CONFIG  ?= .config
@@ -118,14 +119,16 @@ bench: $(OUT)
 	@bash bench/run.sh
 
 fuzz: $(GEN)/objs.mk
-	@bash fuzz/build.sh
+	@GEN=$(GEN) bash fuzz/build.sh
+fuzz-smoke: $(GEN)/objs.mk
+	@GEN=$(GEN) bash fuzz/build.sh smoke
 
 clean:
 	rm -rf build/release build/san build/tiny build/fuzz $(OUT)
 distclean: clean
 	rm -rf build include/generated .config .config.old
 
-.PHONY: all san check size demo bench fuzz clean distclean \
+.PHONY: all san check size demo bench fuzz fuzz-smoke clean distclean \
 	defconfig oldconfig olddefconfig menuconfig savedefconfig
 .DELETE_ON_ERROR:
 
