@@ -149,6 +149,8 @@ static int raw_measure(const struct optlist *opts, struct blk *in,
 	(void)e;
 	if (in)
 		size = in->size;
+	else
+		size = ALIGN_UP(size, 512);	/* whole sectors, as create */
 	mi->required = size;
 	mi->fully_allocated = size;
 	return 0;
