@@ -1,0 +1,210 @@
+/* qcow2.h - internal interface of the qcow2 driver (formats/qcow2*.c).
+ *
+ * Layout (docs/interop/qcow2.txt): a header cluster, a refcount table of
+ * refcount blocks, an L1 table of L2 tables of cluster descriptors, an
+ * optional snapshot table. All on-disk integers are big-endian.
+ *
+ * Other parts of imgbox (check, snapshots) use the metadata through the
+ * functions below: qcow2_rc_get/qcow2_rc_update for refcounts,
+ * qcow2_alloc_clusters/qcow2_free_clusters for allocation, qcow2_l2_get
+ * for the L1/L2 walk and qcow2_cache_flush_all to write metadata back. */
+#ifndef IMGBOX_QCOW2_H
+#define IMGBOX_QCOW2_H
+
+#include "blk_driver.h"
+
+#define QCOW2_MAGIC		0x514649fbu	/* "QFI\xfb" */
+
+#define QCOW2_INCOMPAT_DIRTY	(1ULL << 0)
+#define QCOW2_INCOMPAT_CORRUPT	(1ULL << 1)
+#define QCOW2_INCOMPAT_DATAFILE	(1ULL << 2)
+#define QCOW2_INCOMPAT_COMPRESS	(1ULL << 3)
+#define QCOW2_INCOMPAT_EXTL2	(1ULL << 4)
+#define QCOW2_INCOMPAT_KNOWN	0x1fULL
+#define QCOW2_COMPAT_LAZY	(1ULL << 0)
+#define QCOW2_AUTOCLEAR_BITMAPS	(1ULL << 0)
+#define QCOW2_AUTOCLEAR_RAWDATA	(1ULL << 1)
+
+#define QCOW2_EXT_END		0x00000000u
+#define QCOW2_EXT_BACKING_FMT	0xe2792acau
+#define QCOW2_EXT_FEATURES	0x6803f857u
+#define QCOW2_EXT_BITMAPS	0x23852875u
+#define QCOW2_EXT_CRYPTO	0x0537be77u
+#define QCOW2_EXT_DATAFILE	0x44415441u
+
+/* Table entries */
+#define QCOW2_OFLAG_COPIED	(1ULL << 63)
+#define QCOW2_OFLAG_COMPRESSED	(1ULL << 62)
+#define QCOW2_OFLAG_ZERO	(1ULL << 0)
+#define QCOW2_OFFSET_MASK	0x00fffffffffffe00ULL	/* bits 9-55 */
+#define QCOW2_L1E_RESERVED	0x7f000000000001ffULL
+#define QCOW2_L2E_RESERVED	0x3f000000000001feULL
+#define QCOW2_RT_OFFSET_MASK	0xfffffffffffffe00ULL
+
+/* Header field offsets */
+#define QH_VERSION		4
+#define QH_BACKING_OFF		8
+#define QH_BACKING_SIZE		16
+#define QH_CLUSTER_BITS		20
+#define QH_SIZE			24
+#define QH_CRYPT		32
+#define QH_L1_SIZE		36
+#define QH_L1_OFFSET		40
+#define QH_RT_OFFSET		48
+#define QH_RT_CLUSTERS		56
+#define QH_NB_SNAPSHOTS		60
+#define QH_SNAPSHOTS_OFF	64
+#define QH_INCOMPAT		72
+#define QH_COMPAT		80
+#define QH_AUTOCLEAR		88
+#define QH_REFCOUNT_ORDER	96
+#define QH_HEADER_LEN		100
+#define QH_COMPRESSION		104
+
+/* Caps on what a hostile image can make us allocate. */
+#define QCOW2_MAX_L1_BYTES	(32u << 20)
+#define QCOW2_MAX_RT_BYTES	(8u << 20)
+#define QCOW2_MAX_SNAPSHOTS	65536
+#define QCOW2_MAX_SN_TABLE	(64u << 20)
+
+/* A small LRU cache of cluster-sized metadata tables. */
+struct qcow2_cache_ent {
+	uint64_t off;		/* 0 = empty slot */
+	uint64_t lru;
+	bool dirty;
+	uint8_t *data;
+};
+struct qcow2_cache {
+	int n;
+	size_t csize;
+	uint64_t tick;
+	struct qcow2_cache_ent *e;
+};
+
+/* Cluster types as the read side sees a unit (cluster or subcluster). */
+enum qcow2_type {
+	QC_UNALLOC,		/* ask the backing file */
+	QC_ZERO,		/* reads as zero, no host cluster */
+	QC_ZERO_ALLOC,		/* reads as zero, host cluster preallocated */
+	QC_NORMAL,		/* data at the host offset */
+	QC_COMPRESSED,		/* compressed descriptor in *host */
+};
+
+struct qcow2_snapshot {
+	uint64_t l1_offset;
+	uint32_t l1_size;
+	struct snapshot_info info;
+	uint64_t disk_size;
+};
+
+struct qcow2 {
+	uint32_t version;
+	unsigned cluster_bits;
+	uint64_t cluster_size;
+	unsigned l2_bits;		/* log2(entries per L2 table) */
+	unsigned l2_esize;		/* 8, or 16 with extended L2 */
+	bool ext_l2;
+	unsigned sc_bits;		/* log2(subcluster size) */
+	uint32_t header_length;
+	uint64_t incompat, compat, autoclear;
+	uint8_t compression_type;
+	uint32_t crypt_method;
+
+	uint32_t l1_size;
+	uint64_t l1_offset;
+	uint64_t *l1;			/* host byte order */
+
+	unsigned refcount_order;
+	uint64_t rc_max;		/* largest refcount value */
+	unsigned rb_bits;		/* log2(entries per refcount block) */
+	uint64_t rt_offset;
+	uint32_t rt_clusters;
+	uint64_t rt_size;		/* entries */
+	uint64_t *rt;			/* host byte order */
+	uint64_t free_hint;		/* first cluster that may be free */
+	uint64_t free_byte_off;		/* compressed data packing */
+
+	uint32_t nb_snapshots;
+	uint64_t snapshots_offset;
+	struct qcow2_snapshot *sn;
+
+	bool has_bitmaps;
+	bool has_datafile;
+	bool has_crypto_ext;
+	char *datafile_name;
+
+	struct qcow2_cache l2c, rbc;
+	/* last decompressed cluster */
+	uint64_t zc_desc;
+	uint8_t *zc_buf;
+	uint8_t *zc_in;
+	bool read_only;
+	int meta_prealloc;		/* 0 unknown, 1 no, 2 yes */
+};
+
+static inline struct qcow2 *qcow2_state(struct blk *bs)
+{
+	return bs->opaque;
+}
+
+/* qcow2.c */
+int qcow2_set_errmsg(struct blk *bs, int ret, const char *fmt, ...)
+	PRINTF(3, 4);
+int qcow2_write_header_field(struct blk *bs, unsigned off, const void *v,
+			     size_t len);
+
+/* qcow2_cache.c (in qcow2_refcount.c) */
+int qcow2_cache_init(struct qcow2_cache *c, int n, size_t csize);
+void qcow2_cache_free(struct qcow2_cache *c);
+/* Returns the cached table at host offset off (read unless fresh). */
+int qcow2_cache_get(struct blk *bs, struct qcow2_cache *c, uint64_t off,
+		    bool fresh, uint8_t **data);
+void qcow2_cache_dirty(struct qcow2_cache *c, uint8_t *data);
+int qcow2_cache_flush(struct blk *bs, struct qcow2_cache *c);
+/* Refcount blocks first, then L2 tables (refcount before reference). */
+int qcow2_cache_flush_all(struct blk *bs);
+void qcow2_cache_drop(struct qcow2_cache *c, uint64_t off);
+
+/* qcow2_refcount.c */
+int qcow2_refcount_init(struct blk *bs, struct err *e);
+/* refcount of cluster index ci (0 if beyond the table) */
+int qcow2_rc_get(struct blk *bs, uint64_t ci, uint64_t *rc);
+/* add delta (may be negative) to the refcount of clusters covering
+ * [off, off+len) */
+int qcow2_rc_update(struct blk *bs, uint64_t off, uint64_t len,
+		    int64_t delta);
+/* n contiguous fresh clusters, refcount 1; returns the host offset */
+int64_t qcow2_alloc_clusters(struct blk *bs, uint64_t n);
+int64_t qcow2_alloc_bytes(struct blk *bs, uint64_t len);
+void qcow2_free_clusters(struct blk *bs, uint64_t off, uint64_t len);
+/* drop the reference an L2 entry holds */
+void qcow2_free_l2_entry(struct blk *bs, uint64_t entry);
+
+/* qcow2_map.c */
+/* The L2 table covering guest offset off; alloc: make one that is ours
+ * (refcount 1) if needed. NULL table (ret 0) = none and !alloc. */
+int qcow2_l2_get(struct blk *bs, uint64_t off, bool alloc, uint8_t **tbl,
+		 unsigned *idx);
+int qcow2_map(struct blk *bs, uint64_t off, uint64_t len, uint64_t *pnum,
+	      uint64_t *host, enum qcow2_type *type);
+int qcow2_pread(struct blk *bs, uint64_t off, void *buf, size_t len);
+int qcow2_pwrite(struct blk *bs, uint64_t off, const void *buf, size_t len);
+int qcow2_pwrite_zeroes(struct blk *bs, uint64_t off, uint64_t len,
+			unsigned flags);
+int qcow2_discard(struct blk *bs, uint64_t off, uint64_t len);
+int qcow2_block_status(struct blk *bs, uint64_t off, uint64_t len,
+		       uint64_t *pnum, uint64_t *map, struct bfile **mfile);
+int qcow2_write_compressed(struct blk *bs, uint64_t off, const void *buf,
+			   size_t len);
+/* compressed descriptor -> host offset and byte length */
+void qcow2_compressed_range(const struct qcow2 *s, uint64_t desc,
+			    uint64_t *off, uint64_t *len);
+
+/* qcow2_compress.c */
+int qcow2_inflate(const uint8_t *in, size_t inlen, uint8_t *out,
+		  size_t outlen);
+/* >0: compressed length; -ENOSPC: does not shrink */
+long qcow2_deflate(const uint8_t *in, size_t inlen, uint8_t *out,
+		   size_t outlen);
+
+#endif
