@@ -278,6 +278,14 @@ int convert_main(int argc, char **argv)
 	co.target = tgt;
 	co.out_of_order = HAS(W);
 	co.compress = HAS(c);
+	if (!co.compress) {
+		/* vmdk streamOptimized takes compressed clusters only */
+		struct blk_info bi;
+		if (blk_get_info(tgt, &bi) == 0) {
+			co.compress = bi.needs_compressed_writes;
+			val_free(bi.specific);
+		}
+	}
 	co.min_sparse = sparse;
 	co.target_has_backing = base != NULL;
 	co.target_is_zero = HAS(target_is_zero) ||

@@ -23,7 +23,9 @@ static struct val *image_info(struct blk *bs)
 {
 	struct val *o = val_obj();
 	struct blk_info bi;
-	int64_t alloc = bfile_allocated(bs->file);
+	int64_t alloc = bs->drv->allocated_size ?
+			bs->drv->allocated_size(bs) :
+			bfile_allocated(bs->file);
 	char *full;
 
 	if (!o)

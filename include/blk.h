@@ -188,6 +188,9 @@ struct blk_info {
 	bool dirty;
 	bool encrypted;
 	struct val *specific;		/* format-specific object or NULL */
+	/* Writes must be whole compressed clusters (vmdk streamOptimized):
+	 * convert then compresses as if -c had been given, like qemu-img. */
+	bool needs_compressed_writes;
 };
 int blk_get_info(struct blk *bs, struct blk_info *bi);
 

@@ -95,6 +95,9 @@ struct blk_driver {
 			 const void *src, size_t len);
 	int (*write_precompressed)(struct blk *bs, uint64_t off,
 				   const void *cbuf, size_t clen);
+	/* Optional: bytes on disk of all files of the image (info's disk
+	 * size) when the image has more files than bs->file. */
+	int64_t (*allocated_size)(struct blk *bs);
 };
 
 #endif
