@@ -192,6 +192,8 @@ static int vdi_open(struct blk *bs, struct err *e)
 	ret = bfile_pread(bs->file, s->bmap_off, s->bmap, bmap_len);
 	if (ret < 0) {
 		err_set(e, "Could not read VDI block map: %s", strerror(-ret));
+		free(s->bmap);	/* close is not called after a failed open */
+		s->bmap = NULL;
 		return ret;
 	}
 	for (uint32_t i = 0; i < s->blocks; i++)
@@ -364,9 +366,9 @@ static int vdi_check(struct blk *bs, struct check_result *res, int fix)
 		}
 		used++;
 		if (owner[entry] != VDI_UNALLOCATED) {
+			/* qemu-img names the block number twice */
 			fprintf(stderr, "ERROR: block index %" PRIu32
-				" also used by %" PRIu32 "\n", owner[entry],
-				i);
+				" also used by %" PRIu32 "\n", entry, entry);
 			res->corruptions++;
 		} else {
 			owner[entry] = i;
