@@ -138,6 +138,7 @@ int info_main(int argc, char **argv)
 {
 	int i = opts_parse(argc, argv), json, ret, first = 1;
 	const char *fmt = HAS(f) ? ARG(f) : NULL;
+	char *fmt_owned = NULL;
 	char *filename, *names[BLK_MAX_CHAIN];
 	int nnames = 0;
 	struct val *list = NULL;
@@ -174,8 +175,10 @@ int info_main(int argc, char **argv)
 		o = image_info(bs);
 		if (HAS(backing_chain)) {
 			next = blk_backing_path(bs);
-			fmt = bs->backing_fmt && bs->backing_fmt[0] ?
-			      strdup(bs->backing_fmt) : NULL;
+			free(fmt_owned);
+			fmt = fmt_owned = bs->backing_fmt &&
+					  bs->backing_fmt[0] ?
+					  strdup(bs->backing_fmt) : NULL;
 		}
 		blk_close(bs);
 		if (json && list) {
@@ -205,5 +208,6 @@ int info_main(int argc, char **argv)
 	}
 	for (int k = 0; k < nnames; k++)
 		free(names[k]);
+	free(fmt_owned);
 	return 0;
 }
