@@ -655,7 +655,8 @@ out:
 }
 
 /* Allocate every cluster of [from, to) that is not allocated yet. */
-static int preallocate(struct blk *bs, uint64_t from, uint64_t to)
+static int preallocate(struct blk *bs, uint64_t from, uint64_t to,
+		       uint64_t *hend)
 {
 	struct qcow2 *s = qcow2_state(bs);
 	uint64_t cs = s->cluster_size, span = cs << s->l2_bits;
@@ -689,6 +690,7 @@ static int preallocate(struct blk *bs, uint64_t from, uint64_t to)
 			}
 			st_be64(tbl + (idx + i) * s->l2_esize,
 				((uint64_t)h + i * cs) | QCOW2_OFLAG_COPIED);
+			*hend = MAX(*hend, (uint64_t)h + (i + 1) * cs);
 		}
 		qcow2_cache_dirty(&s->l2c, tbl);
 		pos = end;
@@ -765,7 +767,7 @@ static int qcow2_truncate(struct blk *bs, uint64_t size, int prealloc,
 			  bool shrink, struct err *e)
 {
 	struct qcow2 *s = qcow2_state(bs);
-	uint64_t need, old = bs->size;
+	uint64_t need, old = bs->size, end = 0;
 	uint8_t b[8];
 	int ret;
 
@@ -801,7 +803,7 @@ static int qcow2_truncate(struct blk *bs, uint64_t size, int prealloc,
 		}
 	}
 	if (size > old && prealloc != PREALLOC_OFF) {
-		ret = preallocate(bs, old, size);
+		ret = preallocate(bs, old, size, &end);
 		if (ret < 0) {
 			err_set(e, "Preallocation failed: %s", strerror(-ret));
 			return ret;
@@ -813,18 +815,7 @@ static int qcow2_truncate(struct blk *bs, uint64_t size, int prealloc,
 	if (size > old && prealloc != PREALLOC_OFF) {
 		/* the file covers the preallocated clusters */
 		int64_t fs = bfile_size(bs->file);
-		uint64_t end = 0, n, h;
-		enum qcow2_type t;
 
-		for (uint64_t p = ALIGN_DOWN(old, s->cluster_size); p < size;
-		     p += n) {
-			ret = qcow2_map(bs, p, size - p, &n, &h, &t);
-			if (ret < 0)
-				return ret;
-			if (t == QC_NORMAL)
-				end = MAX(end, ALIGN_UP(h + n,
-							s->cluster_size));
-		}
 		if (fs >= 0 && end > (uint64_t)fs) {
 			ret = bfile_truncate(bs->file, end,
 					     prealloc == PREALLOC_METADATA ?
@@ -1010,7 +1001,8 @@ static int qcow2_create(const char *filename, const struct optlist *opts,
 	if (bfmt && bfmt[0])
 		put_ext(hc, &p, QCOW2_EXT_BACKING_FMT, bfmt,
 			(uint32_t)strlen(bfmt));
-	if (version >= 3) {
+	/* QEMU leaves the feature name table out of small header clusters */
+	if (version >= 3 && cs > 4096) {
 		uint8_t ft[ARRAY_SIZE(feature_names) * 48] = { 0 };
 		for (size_t i = 0; i < ARRAY_SIZE(feature_names); i++) {
 			ft[i * 48] = feature_names[i].type;
@@ -1056,7 +1048,8 @@ static int qcow2_create(const char *filename, const struct optlist *opts,
 		       CACHE_WRITEBACK, e);
 	if (ret < 0)
 		goto out;
-	ret = qcow2_truncate(bs, size, prealloc, false, e);
+	/* the virtual size is a whole number of sectors, as in QEMU */
+	ret = qcow2_truncate(bs, ALIGN_UP(size, 512), prealloc, false, e);
 	if (ret < 0 && !e->msg[0])
 		err_set(e, "Could not resize image: %s", strerror(-ret));
 	blk_close(bs);
