@@ -2,7 +2,8 @@
 # fuzz/build.sh - libFuzzer targets, one per format of the build.
 #
 #   bash fuzz/build.sh            build $OUT/fuzz_FMT for every format in
-#                                 $GEN/formats.h and seed $OUT/corpus/FMT
+#                                 $GEN/formats.h, plus $OUT/fuzz_probe (format
+#                                 guessed by probing), and seed $OUT/corpus/*
 #   bash fuzz/build.sh smoke      build, then run each target briefly
 #   bash fuzz/build.sh run FMT [LIBFUZZER ARGS...]
 #                                 build, then fuzz one format until stopped
@@ -68,11 +69,13 @@ for src in $SRCS; do
 	"$CC" $CFLAGS -fsanitize=fuzzer-no-link,$SAN -c "$src" -o "$obj"
 done
 
-# ---- one target per format ----
-for fmt in $FORMATS; do
+# ---- one target per format, and one that probes ----
+for fmt in $FORMATS probe; do
+	def="\"$fmt\""
+	[ "$fmt" != probe ] || def=NULL
 	echo "  FUZZLD  $OUT/fuzz_$fmt"
 	# shellcheck disable=SC2086
-	"$CC" $CFLAGS -fsanitize=fuzzer,$SAN -DFUZZ_FORMAT="\"$fmt\"" \
+	"$CC" $CFLAGS -fsanitize=fuzzer,$SAN -DFUZZ_FORMAT="$def" \
 		fuzz/fuzz_open.c $OBJS $LIBS -o "$OUT/fuzz_$fmt"
 done
 
@@ -156,6 +159,15 @@ for fmt in $FORMATS; do
 	# libFuzzer needs at least one input; an empty one will do.
 	[ -n "$(ls -A "$OUT/corpus/$fmt")" ] || : > "$OUT/corpus/$fmt/empty"
 done
+
+# The probing target starts from every format's seeds.
+mkdir -p "$OUT/corpus/probe" "$OUT/work/probe"
+for fmt in $FORMATS; do
+	for f in "$OUT/corpus/$fmt"/*; do
+		[ -f "$f" ] && cp "$f" "$OUT/corpus/probe/$fmt-$(basename "$f")"
+	done
+done
+FORMATS="$FORMATS probe"
 
 run_one()	# run_one FMT ARGS...: fuzz FMT, new inputs into work/FMT
 {

@@ -1,6 +1,6 @@
 /* fuzz_open.c - libFuzzer target: open the input as an image of one format
- * (FUZZ_FORMAT, fixed at compile time), read its virtual disk, walk its
- * block status, ask for its info, close it.
+ * (FUZZ_FORMAT, fixed at compile time; NULL: whatever probing guesses),
+ * read its virtual disk, walk its block status, ask for its info, close it.
  *
  * The rule it checks (DESIGN.md): a hostile image gives an error, never a
  * crash, hang, leak or huge allocation. The work per input is bounded so
@@ -18,7 +18,7 @@
 #include "blk_driver.h"
 
 #ifndef FUZZ_FORMAT
-#error "build with -DFUZZ_FORMAT=\"name\""
+#error "build with -DFUZZ_FORMAT=\"name\" (or =NULL to probe)"
 #endif
 
 #define CHUNK		(64 * 1024)
