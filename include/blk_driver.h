@@ -81,6 +81,9 @@ struct blk_driver {
 	/* in may be NULL (measure --size). */
 	int (*measure)(const struct optlist *opts, struct blk *in,
 		       uint64_t size, struct measure_info *mi, struct err *e);
+	/* Optional: every range becomes unallocated, so reads go to the
+	 * backing file (img-commit empties the committed image). */
+	int (*make_empty)(struct blk *bs);
 	/* Options recognised by create_opts printed on the Formatting line
 	 * (qemu-img create). NULL: the generic printer. */
 
