@@ -1061,6 +1061,10 @@ out:
 /* formats/qcow2_measure.c */
 int qcow2_measure(const struct optlist *opts, struct blk *in, uint64_t size,
 		  struct measure_info *mi, struct err *e);
+/* formats/qcow2_backing.c */
+int qcow2_change_backing(struct blk *bs, const char *file, const char *fmt,
+			 struct err *e);
+int qcow2_make_empty(struct blk *bs);
 
 const struct blk_driver qcow2_driver = {
 	.name = "qcow2",
@@ -1084,4 +1088,6 @@ const struct blk_driver qcow2_driver = {
 	.get_info = qcow2_get_info,
 	.snapshot_list = qcow2_snapshot_list,
 	.measure = qcow2_measure,
+	.change_backing = qcow2_change_backing,
+	.make_empty = qcow2_make_empty,
 };
