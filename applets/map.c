@@ -47,7 +47,8 @@ static int64_t cvtnum(const char *name, const char *s)
 /* Status of the run at off, walking down the chain while a layer leaves
  * the range unallocated. Like qemu-img, a range that is unallocated in a
  * layer without a backing image, or past the end of the backing image,
- * reads as zero at that layer's depth and is not "present". */
+ * reads as zero at that layer's depth and is not "present" (but keeps an
+ * offset if the layer gave one). */
 static int get_status(struct blk *bs, uint64_t off, uint64_t len,
 		      struct map_entry *e)
 {
@@ -64,7 +65,9 @@ static int get_status(struct blk *bs, uint64_t off, uint64_t len,
 		if (ret & BLK_STAT_ALLOCATED)
 			break;
 		if (!cur->backing || off >= cur->backing->size) {
-			ret = BLK_STAT_ZERO;
+			/* keeps the host offset of an allocated cluster
+			 * whose subcluster is not (extended L2) */
+			ret = (ret & BLK_STAT_OFFSET) | BLK_STAT_ZERO;
 			break;
 		}
 		cur = cur->backing;
