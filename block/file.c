@@ -93,6 +93,10 @@ int bfile_open(struct bfile **pf, const char *name, unsigned flags,
 	int oflags = O_CLOEXEC;
 
 	*pf = NULL;
+	if (!name[0]) {
+		err_set(e, "The 'file' block driver requires a file name");
+		return -EINVAL;
+	}
 	oflags |= (flags & BFILE_RDWR) ? O_RDWR : O_RDONLY;
 	if (flags & BFILE_CREATE)
 		oflags |= O_CREAT | O_TRUNC | O_RDWR;

@@ -5,7 +5,7 @@ set -euo pipefail
 
 PKGS=(build-essential musl-tools kconfig-frontends qemu-utils clang llvm
       dpkg-dev zlib1g-dev libaio-dev ca-certificates debian-archive-keyring
-      file)
+      file libclang-rt-14-dev)
 
 missing=()
 for p in "${PKGS[@]}"; do
