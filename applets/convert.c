@@ -273,6 +273,24 @@ int convert_main(int argc, char **argv)
 		base = tgt->backing ? tgt->backing_file : NULL;
 	}
 
+	if (base && tgt->backing) {
+		/* Is the new backing file one of the images of a source's
+		 * chain? Then everything below it is skipped. */
+		struct stat bst, st;
+		co.src_base = calloc((size_t)nsrc, sizeof(*co.src_base));
+		if (!co.src_base)
+			die("out of memory");
+		if (fstat(tgt->backing->file->fd, &bst) == 0)
+			for (int k = 0; k < nsrc; k++)
+				for (struct blk *b = src[k]->backing; b;
+				     b = b->backing)
+					if (fstat(b->file->fd, &st) == 0 &&
+					    st.st_dev == bst.st_dev &&
+					    st.st_ino == bst.st_ino) {
+						co.src_base[k] = b;
+						break;
+					}
+	}
 	co.src = src;
 	co.nsrc = nsrc;
 	co.target = tgt;
@@ -315,6 +333,7 @@ int convert_main(int argc, char **argv)
 		blk_close(src[k]);
 	free(src);
 	optlist_free(&ol);
+	free(co.src_base);
 	if (show_progress) {
 		if (last_pct < 100.0)
 			printf("    (%3.2f/100%%)\r", 100.0);

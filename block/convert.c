@@ -226,6 +226,12 @@ static int claim(struct conv *c, struct chunk *ch)
 		/* only when the target is larger than all sources */
 		st = BLK_STAT_ZERO;
 		n = MIN(c->total - off, (uint64_t)c->chunk_max);
+	} else if (o->target_has_backing && o->src_base && o->src_base[i]) {
+		st = blk_block_status_above(bs, o->src_base[i],
+					    off - c->src_start[i], limit, &n,
+					    &map, &mf, &depth);
+		if (st >= 0 && !(st & BLK_STAT_ALLOCATED))
+			st = -1000;	/* the new backing file provides it */
 	} else if (o->target_has_backing) {
 		st = blk_block_status(bs, off - c->src_start[i], limit, &n,
 				      &map, &mf);

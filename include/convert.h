@@ -36,6 +36,11 @@ struct convert_opts {
 	 * backing chain. Ranges the top source image does not allocate are
 	 * skipped, and data equal to the new backing file is not written. */
 	bool target_has_backing;
+	/* With target_has_backing: per source, the image of its backing
+	 * chain that is the target's new backing file (NULL: not in the
+	 * chain; then only the top source image counts, as in qemu-img).
+	 * Ranges nothing above it allocates are skipped. May be NULL. */
+	struct blk **src_base;
 	bool copy_range;		/* -C: copy_file_range where possible */
 	bool salvage;			/* --salvage: zero-fill unreadable areas */
 	uint64_t rate_limit;		/* -r: bytes per second, 0 = none */
