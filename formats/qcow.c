@@ -1,0 +1,748 @@
+/* qcow.c - QEMU's original copy-on-write format (version 1): a big-endian
+ * 48-byte header, the backing file name after it, one L1 table of L2 table
+ * offsets and L2 tables of cluster offsets; bit 63 of an L2 entry marks a
+ * deflate-compressed cluster whose byte length sits just below it. AES
+ * encrypted images are described but not read or written. */
+//config:config FORMAT_QCOW
+//config:	bool "qcow"
+//config:	default y
+//config:	help
+//config:	  QEMU copy-on-write images, version 1 (.qcow): two-level
+//config:	  tables, compressed clusters, backing files. Read, write,
+//config:	  compressed writes and create; encrypted images are refused.
+//format:FORMAT(qcow)
+
+#include <errno.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <zlib.h>
+#include "blk_driver.h"
+
+#define QCOW_MAGIC		0x514649fbu	/* "QFI\xfb" */
+#define QCOW_HDR_SIZE		48
+#define QCOW_COMPRESSED		(1ULL << 63)
+#define QCOW_MAX_BACKING	1023u
+#define QCOW_NO_KEY_MSG	"Parameter 'encrypt.key-secret' is required for cipher"
+
+struct qcow {
+	unsigned cluster_bits, l2_bits;
+	uint32_t crypt;
+	uint64_t cluster_size, l2_entries, l1_size, l1_offset;
+	uint64_t file_end;		/* current end of the file */
+	uint64_t *l2;			/* one cached L2 table */
+	uint64_t l2_offset;		/* 0: none cached */
+	uint64_t l1_idx, l1_val;	/* last L1 entry read */
+	bool l1_valid;
+	uint8_t *zbuf;			/* compressed input, one cluster */
+	uint8_t *cbuf;			/* last decompressed cluster */
+	uint64_t cbuf_entry;		/* its L2 entry, 0: none */
+};
+
+static const struct optdesc qcow_create_opts[] = {
+	{ "size", OPT_SIZE, "Virtual disk size", NULL, false },
+	{ "backing_file", OPT_STRING, "File name of a base image", NULL,
+	  false },
+	{ "backing_fmt", OPT_STRING, "Format of the backing image", NULL,
+	  false },
+	{ "encryption", OPT_BOOL, "Encrypt the image with format 'aes'. "
+	  "(Deprecated in favor of encrypt.format=aes)", NULL, false },
+	{ "encrypt.format", OPT_STRING,
+	  "Encrypt the image, format choices: 'aes'", NULL, false },
+	{ "encrypt.key-secret", OPT_STRING,
+	  "ID of the secret that provides the AES encryption key", NULL,
+	  false },
+	{ "preallocation", OPT_STRING,
+	  "Preallocation mode (allowed values: off, falloc, full)", NULL,
+	  true },
+	{ "nocow", OPT_BOOL, "Turn off copy-on-write (valid only on btrfs)",
+	  NULL, true },
+	{ "extent_size_hint", OPT_SIZE,
+	  "Extent size hint for the image file, 0 to disable", NULL, true },
+	{ NULL, 0, NULL, NULL, false }
+};
+
+static int qcow_probe(const uint8_t *buf, size_t len, const char *filename)
+{
+	(void)filename;
+	if (len >= QCOW_HDR_SIZE && ld_be32(buf) == QCOW_MAGIC &&
+	    ld_be32(buf + 4) == 1)
+		return 100;
+	return 0;
+}
+
+/* QEMU's block layer refuses reads whose end passes INT64_MAX with EIO. */
+static bool qcow_range_ok(uint64_t off, uint64_t len)
+{
+	return off <= (uint64_t)INT64_MAX && len <= (uint64_t)INT64_MAX - off;
+}
+
+static int qcow_open(struct blk *bs, struct err *e)
+{
+	struct qcow *s = bs->opaque;
+	uint8_t h[QCOW_HDR_SIZE];
+	uint64_t size, boff, shift_span;
+	uint32_t version, blen;
+	int64_t fsize = bfile_size(bs->file);
+	int ret;
+
+	if (fsize < 0) {
+		err_set(e, "Could not get the size of '%s': %s", bs->filename,
+			strerror((int)-fsize));
+		return (int)fsize;
+	}
+	ret = bfile_pread(bs->file, 0, h, sizeof(h));
+	if (ret < 0) {
+		err_set(e, "Could not read header: %s", strerror(-ret));
+		return ret;
+	}
+	if (ld_be32(h) != QCOW_MAGIC) {
+		err_set(e, "Image not in qcow format");
+		return -EINVAL;
+	}
+	version = ld_be32(h + 4);
+	if (version != 1) {
+		err_set(e, "qcow (v1) does not support qcow version %u%s",
+			version, version == 2 || version == 3 ?
+			"\nTry the 'qcow2' driver instead." : "");
+		return -ENOTSUP;
+	}
+	boff = ld_be64(h + 8);
+	blen = ld_be32(h + 16);
+	size = ld_be64(h + 24);
+	s->cluster_bits = h[32];
+	s->l2_bits = h[33];
+	s->crypt = ld_be32(h + 36);
+	s->l1_offset = ld_be64(h + 40);
+
+	if (size <= 1) {
+		err_set(e, "Image size is too small (must be at least 2 "
+			"bytes)");
+		return -EINVAL;
+	}
+	if (s->cluster_bits < 9 || s->cluster_bits > 16) {
+		err_set(e, "Cluster size must be between 512 and 64k");
+		return -EINVAL;
+	}
+	/* L2 tables of 512 bytes .. 64 KiB */
+	if (s->l2_bits < 6 || s->l2_bits > 13) {
+		err_set(e, "L2 table size must be between 512 and 64k");
+		return -EINVAL;
+	}
+	if (s->crypt > 1) {
+		err_set(e, "invalid encryption method in qcow header");
+		return -EINVAL;
+	}
+	/* Encrypted images can be described (info) but not read: refuse them
+	 * wherever data is going to be accessed, as QEMU does without the
+	 * key. */
+	if (s->crypt && !(bs->flags & BLK_O_NO_BACKING)) {
+		err_set(e, QCOW_NO_KEY_MSG);
+		return -EINVAL;
+	}
+	s->cluster_size = 1ULL << s->cluster_bits;
+	s->l2_entries = 1ULL << s->l2_bits;
+	shift_span = 1ULL << (s->cluster_bits + s->l2_bits);
+	if (size > UINT64_MAX - shift_span) {
+		err_set(e, "Image too large");
+		return -EINVAL;
+	}
+	s->l1_size = (size + shift_span - 1) / shift_span;
+	if (s->l1_size > INT_MAX / 8) {
+		err_set(e, "Image too large");
+		return -EINVAL;
+	}
+	/* The L1 table is read an entry at a time (it can be hundreds of
+	 * MiB for huge images); only its range is checked here. */
+	if (!qcow_range_ok(s->l1_offset, s->l1_size * 8)) {
+		err_set(e, "Could not open '%s': %s", bs->filename,
+			strerror(EIO));
+		return -EIO;
+	}
+	if (boff) {
+		char *name;
+
+		if (blen > QCOW_MAX_BACKING) {
+			err_set(e, "Backing file name too long");
+			return -EINVAL;
+		}
+		if (!qcow_range_ok(boff, blen)) {
+			err_set(e, "Could not open '%s': %s", bs->filename,
+				strerror(EIO));
+			return -EIO;
+		}
+		name = calloc(1, (size_t)blen + 1);
+		if (!name)
+			return -ENOMEM;
+		ret = bfile_pread(bs->file, boff, name, blen);
+		if (ret < 0) {
+			free(name);
+			err_set(e, "Could not read backing file name: %s",
+				strerror(-ret));
+			return ret;
+		}
+		bs->backing_file = name;
+	}
+	s->l2 = malloc(s->l2_entries * 8);
+	s->zbuf = malloc(s->cluster_size);
+	s->cbuf = malloc(s->cluster_size);
+	if (!s->l2 || !s->zbuf || !s->cbuf) {
+		err_set(e, "%s", strerror(ENOMEM));
+		return -ENOMEM;
+	}
+	s->file_end = (uint64_t)fsize;
+	/* QEMU counts whole sectors: the tail of a size that is not a
+	 * multiple of 512 is not part of the disk. */
+	bs->size = ALIGN_DOWN(size, 512);
+	return 0;
+}
+
+static void qcow_close(struct blk *bs)
+{
+	struct qcow *s = bs->opaque;
+
+	free(s->l2);
+	free(s->zbuf);
+	free(s->cbuf);
+	s->l2 = NULL;
+	s->zbuf = s->cbuf = NULL;
+}
+
+static int qcow_read_l1(struct blk *bs, uint64_t i, uint64_t *v)
+{
+	struct qcow *s = bs->opaque;
+	uint8_t raw[8];
+	int ret;
+
+	if (i >= s->l1_size)
+		return -EINVAL;
+	if (s->l1_valid && s->l1_idx == i) {
+		*v = s->l1_val;
+		return 0;
+	}
+	ret = bfile_pread(bs->file, s->l1_offset + i * 8, raw, 8);
+	if (ret < 0)
+		return ret;
+	*v = ld_be64(raw);
+	s->l1_idx = i;
+	s->l1_val = *v;
+	s->l1_valid = true;
+	return 0;
+}
+
+static int qcow_load_l2(struct blk *bs, uint64_t off)
+{
+	struct qcow *s = bs->opaque;
+	int ret;
+
+	if (s->l2_offset == off)
+		return 0;
+	if (!qcow_range_ok(off, s->l2_entries * 8))
+		return -EIO;
+	s->l2_offset = 0;
+	ret = bfile_pread(bs->file, off, s->l2, s->l2_entries * 8);
+	if (ret < 0)
+		return ret;
+	for (uint64_t i = 0; i < s->l2_entries; i++)
+		s->l2[i] = ld_be64(&s->l2[i]);
+	s->l2_offset = off;
+	return 0;
+}
+
+/* The L2 entry for guest offset off (0: unallocated), with the L2 table
+ * cached when it exists. */
+static int qcow_entry(struct blk *bs, uint64_t off, uint64_t *entry)
+{
+	struct qcow *s = bs->opaque;
+	uint64_t l1i = off >> (s->cluster_bits + s->l2_bits), l2off;
+	int ret = qcow_read_l1(bs, l1i, &l2off);
+
+	if (ret < 0)
+		return ret;
+	*entry = 0;
+	if (!l2off)
+		return 0;
+	ret = qcow_load_l2(bs, l2off);
+	if (ret < 0)
+		return ret;
+	*entry = s->l2[(off >> s->cluster_bits) & (s->l2_entries - 1)];
+	return 0;
+}
+
+static void qcow_compressed_loc(const struct qcow *s, uint64_t entry,
+				uint64_t *off, uint64_t *len)
+{
+	unsigned sb = 63 - s->cluster_bits;
+
+	*off = entry & ((1ULL << sb) - 1);
+	*len = (entry >> sb) & (s->cluster_size - 1);
+}
+
+/* Inflates the compressed cluster of entry into s->cbuf. */
+static int qcow_decompress(struct blk *bs, uint64_t entry)
+{
+	struct qcow *s = bs->opaque;
+	uint64_t off, len;
+	z_stream z;
+	int ret;
+
+	if (s->cbuf_entry == entry)
+		return 0;
+	s->cbuf_entry = 0;
+	qcow_compressed_loc(s, entry, &off, &len);
+	if (!qcow_range_ok(off, len))
+		return -EIO;
+	ret = bfile_pread(bs->file, off, s->zbuf, (size_t)len);
+	if (ret < 0)
+		return ret;
+	memset(&z, 0, sizeof(z));
+	if (inflateInit2(&z, -12) != Z_OK)
+		return -ENOMEM;
+	z.next_in = s->zbuf;
+	z.avail_in = (uInt)len;
+	z.next_out = s->cbuf;
+	z.avail_out = (uInt)s->cluster_size;
+	ret = inflate(&z, Z_FINISH);
+	inflateEnd(&z);
+	if ((ret != Z_STREAM_END && ret != Z_BUF_ERROR) || z.avail_out)
+		return -EIO;
+	s->cbuf_entry = entry;
+	return 0;
+}
+
+/* One cluster at most: the run [off, off+*n) within the cluster of off,
+ * extended over following clusters of the same kind (unallocated, or
+ * host-contiguous plain clusters). */
+static int qcow_lookup(struct blk *bs, uint64_t off, uint64_t len,
+		       uint64_t *entry, uint64_t *pnum)
+{
+	struct qcow *s = bs->opaque;
+	uint64_t cs = s->cluster_size, n = cs - (off & (cs - 1)), first;
+	int ret = qcow_entry(bs, off, &first);
+
+	if (ret < 0)
+		return ret;
+	while (n < len && !(first & QCOW_COMPRESSED)) {
+		uint64_t next, want = first ? first + n + (off & (cs - 1)) : 0;
+		/* stay inside the same L2 table so the cache stays put */
+		if (((off + n) >> (s->cluster_bits + s->l2_bits)) !=
+		    (off >> (s->cluster_bits + s->l2_bits)))
+			break;
+		ret = qcow_entry(bs, off + n, &next);
+		if (ret < 0)
+			return ret;
+		if (next != want)
+			break;
+		n += cs;
+	}
+	*entry = first;
+	*pnum = MIN(n, len);
+	return 0;
+}
+
+static int qcow_pread(struct blk *bs, uint64_t off, void *buf, size_t len)
+{
+	struct qcow *s = bs->opaque;
+	uint8_t *p = buf;
+
+	if (s->crypt) {
+		snprintf(bs->errmsg, sizeof(bs->errmsg), QCOW_NO_KEY_MSG);
+		return -EACCES;
+	}
+	while (len) {
+		uint64_t entry, n, in = off & (s->cluster_size - 1);
+		int ret = qcow_lookup(bs, off, len, &entry, &n);
+
+		if (ret < 0)
+			return ret;
+		if (!entry) {
+			ret = blk_read_backing(bs, off, p, (size_t)n);
+		} else if (entry & QCOW_COMPRESSED) {
+			ret = qcow_decompress(bs, entry);
+			if (ret == 0)
+				memcpy(p, s->cbuf + in, (size_t)n);
+		} else {
+			if (!qcow_range_ok(entry + in, n))
+				return -EIO;
+			ret = bfile_pread(bs->file, entry + in, p, (size_t)n);
+		}
+		if (ret < 0)
+			return ret;
+		off += n;
+		p += n;
+		len -= (size_t)n;
+	}
+	return 0;
+}
+
+static int qcow_block_status(struct blk *bs, uint64_t off, uint64_t len,
+			     uint64_t *pnum, uint64_t *map,
+			     struct bfile **mfile)
+{
+	struct qcow *s = bs->opaque;
+	uint64_t entry;
+	int ret;
+
+	if (s->crypt)
+		return -EACCES;
+	ret = qcow_lookup(bs, off, len, &entry, pnum);
+	if (ret < 0)
+		return ret;
+	if (!entry)
+		return 0;
+	if (entry & QCOW_COMPRESSED)
+		return BLK_STAT_DATA | BLK_STAT_ALLOCATED |
+		       BLK_STAT_COMPRESSED;
+	*map = entry + (off & (s->cluster_size - 1));
+	*mfile = bs->file;
+	return BLK_STAT_DATA | BLK_STAT_ALLOCATED | BLK_STAT_OFFSET;
+}
+
+/* Space at the end of the file, aligned. */
+static uint64_t qcow_alloc(struct qcow *s, uint64_t len, uint64_t align)
+{
+	uint64_t off = ALIGN_UP(s->file_end, align);
+
+	s->file_end = off + len;
+	return off;
+}
+
+/* The L2 table of guest offset off, created (zeroed, at the end of the
+ * file, cluster aligned) and linked from L1 when missing. */
+static int qcow_get_l2(struct blk *bs, uint64_t off)
+{
+	struct qcow *s = bs->opaque;
+	uint64_t l1i = off >> (s->cluster_bits + s->l2_bits), l2off;
+	uint8_t raw[8];
+	int ret = qcow_read_l1(bs, l1i, &l2off);
+
+	if (ret < 0)
+		return ret;
+	if (l2off)
+		return qcow_load_l2(bs, l2off);
+	l2off = qcow_alloc(s, s->l2_entries * 8, s->cluster_size);
+	if (!qcow_range_ok(l2off, s->l2_entries * 8))
+		return -EFBIG;
+	s->l2_offset = 0;
+	memset(s->l2, 0, s->l2_entries * 8);
+	ret = bfile_pwrite(bs->file, l2off, s->l2, s->l2_entries * 8);
+	if (ret < 0)
+		return ret;
+	st_be64(raw, l2off);
+	s->l1_valid = false;
+	ret = bfile_pwrite(bs->file, s->l1_offset + l1i * 8, raw, 8);
+	if (ret < 0)
+		return ret;
+	s->l1_idx = l1i;
+	s->l1_val = l2off;
+	s->l1_valid = true;
+	s->l2_offset = l2off;
+	return 0;
+}
+
+static int qcow_set_entry(struct blk *bs, uint64_t off, uint64_t entry)
+{
+	struct qcow *s = bs->opaque;
+	uint64_t i = (off >> s->cluster_bits) & (s->l2_entries - 1);
+	uint8_t raw[8];
+
+	s->l2[i] = entry;
+	st_be64(raw, entry);
+	return bfile_pwrite(bs->file, s->l2_offset + i * 8, raw, 8);
+}
+
+/* Writes into one cluster that is unallocated or compressed: a new plain
+ * cluster gets the old content around the new bytes. */
+static int qcow_write_new(struct blk *bs, uint64_t off, const uint8_t *buf,
+			  uint64_t n, uint64_t entry)
+{
+	struct qcow *s = bs->opaque;
+	uint64_t cs = s->cluster_size, start = ALIGN_DOWN(off, cs), host;
+	uint8_t *c = NULL;
+	const uint8_t *src = buf;
+	int ret;
+
+	if (n < cs) {
+		c = blk_alloc_buf(cs);
+		if (!c)
+			return -ENOMEM;
+		memset(c, 0, cs);
+		if (entry & QCOW_COMPRESSED) {
+			ret = qcow_decompress(bs, entry);
+			if (ret < 0)
+				goto out;
+			memcpy(c, s->cbuf, cs);
+		} else if (start < bs->size) {
+			ret = blk_read_backing(bs, start, c,
+					       (size_t)MIN(cs, bs->size - start));
+			if (ret < 0)
+				goto out;
+		}
+		memcpy(c + (off - start), buf, n);
+		src = c;
+	}
+	ret = qcow_get_l2(bs, start);
+	if (ret < 0)
+		goto out;
+	host = qcow_alloc(s, cs, cs);
+	if (!qcow_range_ok(host, cs) || host >= 1ULL << (63 - s->cluster_bits)) {
+		ret = -EFBIG;
+		goto out;
+	}
+	ret = bfile_pwrite(bs->file, host, src, cs);
+	if (ret == 0)
+		ret = qcow_set_entry(bs, start, host);
+out:
+	free(c);
+	return ret;
+}
+
+static int qcow_pwrite(struct blk *bs, uint64_t off, const void *buf,
+		       size_t len)
+{
+	struct qcow *s = bs->opaque;
+	const uint8_t *p = buf;
+
+	if (s->crypt)
+		return -EACCES;
+	while (len) {
+		uint64_t entry, n, in = off & (s->cluster_size - 1);
+		int ret = qcow_lookup(bs, off, len, &entry, &n);
+
+		if (ret < 0)
+			return ret;
+		if (!entry || (entry & QCOW_COMPRESSED)) {
+			n = MIN(n, s->cluster_size - in);
+			ret = qcow_write_new(bs, off, p, n, entry);
+		} else {
+			if (!qcow_range_ok(entry + in, n))
+				return -EIO;
+			ret = bfile_pwrite(bs->file, entry + in, p, (size_t)n);
+		}
+		if (ret < 0)
+			return ret;
+		off += n;
+		p += n;
+		len -= (size_t)n;
+	}
+	return 0;
+}
+
+/* Unallocated clusters of an image without a backing file already read
+ * as zeroes; everything else is written. */
+static int qcow_pwrite_zeroes(struct blk *bs, uint64_t off, uint64_t len,
+			      unsigned flags)
+{
+	uint8_t *z = NULL;
+	int ret = 0;
+
+	(void)flags;
+	while (len) {
+		uint64_t entry, n;
+
+		ret = qcow_lookup(bs, off, len, &entry, &n);
+		if (ret < 0)
+			break;
+		if (entry || (bs->backing_file && bs->backing_file[0])) {
+			n = MIN(n, 1 << 20);
+			if (!z && !(z = calloc(1, 1 << 20))) {
+				ret = -ENOMEM;
+				break;
+			}
+			ret = qcow_pwrite(bs, off, z, (size_t)n);
+			if (ret < 0)
+				break;
+		}
+		off += n;
+		len -= n;
+	}
+	free(z);
+	return ret;
+}
+
+static int qcow_write_compressed(struct blk *bs, uint64_t off,
+				 const void *buf, size_t len)
+{
+	struct qcow *s = bs->opaque;
+	uint64_t cs = s->cluster_size, host, entry;
+	uint8_t *in = (uint8_t *)buf, *pad = NULL;
+	z_stream z;
+	long clen;
+	int ret;
+
+	if (s->crypt)
+		return -EACCES;
+	if (!IS_ALIGNED(off, cs) || len > cs ||
+	    (len < cs && off + len != bs->size))
+		return -EINVAL;
+	if (len < cs) {
+		/* the last, partial cluster of the disk */
+		pad = calloc(1, cs);
+		if (!pad)
+			return -ENOMEM;
+		memcpy(pad, buf, len);
+		in = pad;
+	}
+	memset(&z, 0, sizeof(z));
+	if (deflateInit2(&z, Z_DEFAULT_COMPRESSION, Z_DEFLATED, -12, 9,
+			 Z_DEFAULT_STRATEGY) != Z_OK) {
+		free(pad);
+		return -ENOMEM;
+	}
+	z.next_in = in;
+	z.avail_in = (uInt)cs;
+	z.next_out = s->zbuf;
+	z.avail_out = (uInt)cs;
+	ret = deflate(&z, Z_FINISH);
+	clen = (long)(cs - z.avail_out);
+	deflateEnd(&z);
+	if (ret != Z_STREAM_END || (uint64_t)clen >= cs) {
+		/* does not shrink: store it plainly */
+		ret = qcow_pwrite(bs, off, in, (size_t)cs > len ? len : cs);
+		free(pad);
+		return ret;
+	}
+	free(pad);
+	ret = qcow_get_l2(bs, off);
+	if (ret < 0)
+		return ret;
+	/* Compressed clusters are packed at 512-byte boundaries. */
+	host = qcow_alloc(s, (uint64_t)clen, 512);
+	if (host >= 1ULL << (63 - s->cluster_bits))
+		return -EFBIG;
+	s->cbuf_entry = 0;
+	ret = bfile_pwrite(bs->file, host, s->zbuf, (size_t)clen);
+	if (ret < 0)
+		return ret;
+	entry = QCOW_COMPRESSED | (uint64_t)clen << (63 - s->cluster_bits) |
+		host;
+	return qcow_set_entry(bs, off, entry);
+}
+
+static int qcow_flush(struct blk *bs)
+{
+	return bfile_flush(bs->file);
+}
+
+static int qcow_get_info(struct blk *bs, struct blk_info *bi)
+{
+	struct qcow *s = bs->opaque;
+
+	bi->cluster_size = s->cluster_size;
+	bi->encrypted = s->crypt != 0;
+	return 0;
+}
+
+static int qcow_create(const char *filename, const struct optlist *opts,
+		       struct err *e)
+{
+	const char *bf = optlist_get(opts, "backing_file");
+	const char *ef = optlist_get(opts, "encrypt.format");
+	uint64_t size = 0, l1_size, l1_bytes, l1off, done;
+	unsigned cbits = 12, l2bits = 9;
+	size_t blen = bf ? strlen(bf) : 0;
+	uint8_t h[QCOW_HDR_SIZE], *z = NULL;
+	struct bfile *f;
+	bool enc = false;
+	int ret;
+
+	/* QEMU creates the file first; refused options leave it empty. */
+	ret = bfile_open(&f, filename, BFILE_CREATE | BFILE_RDWR,
+			 CACHE_WRITEBACK, e);
+	if (ret < 0)
+		return ret;
+	if (optlist_get_size(opts, "size", &size, e) < 0 ||
+	    optlist_get_bool(opts, "encryption", &enc, e) < 0) {
+		ret = -EINVAL;
+		goto out;
+	}
+	if (enc || ef || optlist_get(opts, "encrypt.key-secret")) {
+		if (ef && strcmp(ef, "aes")) {
+			err_set(e, "Parameter 'format' does not accept value '%s'",
+				ef);
+			ret = -EINVAL;
+			goto out;
+		}
+		if (!optlist_get(opts, "encrypt.key-secret"))
+			err_set(e, QCOW_NO_KEY_MSG);
+		else
+			err_set(e, "AES encrypted qcow images are not "
+				"supported");
+		ret = -ENOTSUP;
+		goto out;
+	}
+	size = ALIGN_UP(size, 512);
+	if (!size) {
+		err_set(e, "Image size is too small, cannot be zero length");
+		ret = -EINVAL;
+		goto out;
+	}
+	if (blen > QCOW_MAX_BACKING) {
+		err_set(e, "Backing file name too long");
+		ret = -EINVAL;
+		goto out;
+	}
+	if (blen) {
+		/* overlays use 512-byte clusters so that no write ever
+		 * needs a partial-cluster copy from the backing file */
+		cbits = 9;
+		l2bits = 12;
+	}
+	l1_size = DIV_ROUND_UP(size, 1ULL << (cbits + l2bits));
+	l1_bytes = ALIGN_UP(l1_size * 8, 512);
+	l1off = QCOW_HDR_SIZE + blen;
+	if (l1_size > INT_MAX / 8) {
+		err_set(e, "Image size is too big");
+		ret = -EFBIG;
+		goto out;
+	}
+	memset(h, 0, sizeof(h));
+	st_be32(h, QCOW_MAGIC);
+	st_be32(h + 4, 1);
+	if (blen) {
+		st_be64(h + 8, QCOW_HDR_SIZE);
+		st_be32(h + 16, (uint32_t)blen);
+	}
+	st_be64(h + 24, size);
+	h[32] = (uint8_t)cbits;
+	h[33] = (uint8_t)l2bits;
+	st_be64(h + 40, l1off);
+	ret = bfile_pwrite(f, 0, h, sizeof(h));
+	if (ret == 0 && blen)
+		ret = bfile_pwrite(f, QCOW_HDR_SIZE, bf, blen);
+	/* the L1 table is written out as zeroes, like QEMU does */
+	z = calloc(1, 1 << 20);
+	if (!z && ret == 0)
+		ret = -ENOMEM;
+	for (done = 0; ret == 0 && done < l1_bytes; ) {
+		uint64_t n = MIN(l1_bytes - done, 1 << 20);
+		ret = bfile_pwrite(f, l1off + done, z, (size_t)n);
+		done += n;
+	}
+	if (ret < 0)
+		err_set(e, "Could not write the image: %s", strerror(-ret));
+out:
+	free(z);
+	bfile_close(f);
+	return ret;
+}
+
+const struct blk_driver qcow_driver = {
+	.name = "qcow",
+	.caps = BLK_CAP_CREATE | BLK_CAP_WRITE | BLK_CAP_BACKING |
+		BLK_CAP_COMPRESS | BLK_CAP_ZERO_INIT,
+	.state_size = sizeof(struct qcow),
+	.create_opts = qcow_create_opts,
+	.probe = qcow_probe,
+	.open = qcow_open,
+	.close = qcow_close,
+	.pread = qcow_pread,
+	.pwrite = qcow_pwrite,
+	.pwrite_zeroes = qcow_pwrite_zeroes,
+	.block_status = qcow_block_status,
+	.write_compressed = qcow_write_compressed,
+	.flush = qcow_flush,
+	.create = qcow_create,
+	.get_info = qcow_get_info,
+};
