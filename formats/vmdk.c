@@ -48,6 +48,7 @@
 #define MAX_GRAIN_SECTORS	0x200000u
 #define MAX_GD_ENTRIES		(32u << 20)
 #define MAX_ZGRAIN		(16u << 20)
+#define MAX_WGRAIN		(64u << 20)	/* grains we allocate */
 #define MAX_EXTENTS		1024
 #define MAX_CAPACITY		(1ULL << 54)	/* sectors: 8 EiB */
 #define EXTENT_MAX_SECTORS	(1ULL << 32)	/* grain entries are 32 bit */
@@ -72,7 +73,8 @@ struct vmdk_extent {
 	uint64_t grain;			/* sparse: grain size in bytes */
 	uint32_t gt_entries;
 	uint64_t gt_cover;		/* bytes one grain table maps */
-	uint32_t gd_n;
+	uint32_t gd_n;			/* directory entries */
+	uint32_t gd_avail, rgd_avail;	/* entries inside the file */
 	uint32_t *gd, *rgd;		/* sectors of the grain tables */
 	uint64_t next_sector;		/* where the next grain goes */
 	bool appended;			/* compressed data written */
@@ -218,7 +220,7 @@ static int grain_lookup(struct vmdk_extent *x, uint64_t rel,
 	g->gdi = (uint32_t)gdi;
 	g->gti = (uint32_t)((rel / x->grain) % x->gt_entries);
 	g->host = 0;
-	if (!x->gd[gdi])
+	if (gdi >= x->gd_avail || !x->gd[gdi])
 		return G_UNALLOC;
 	ret = gt_get(x, x->gd[gdi], &gt);
 	if (ret < 0)
@@ -237,15 +239,18 @@ static int gt_set(struct vmdk_extent *x, const struct grain_ref *g,
 		  uint32_t val)
 {
 	uint8_t le[4];
-	uint32_t sec = x->gd[g->gdi];
+	uint32_t sec;
 	int ret;
 
+	if (g->gdi >= x->gd_avail || !x->gd[g->gdi])
+		return -EIO;	/* no grain table to record it in */
+	sec = x->gd[g->gdi];
 	st_le32(le, val);
 	ret = bfile_pwrite(x->file, (uint64_t)sec * SECTOR + 4ULL * g->gti,
 			   le, 4);
 	if (ret < 0)
 		return ret;
-	if (x->rgd && x->rgd[g->gdi]) {
+	if (x->rgd && g->gdi < x->rgd_avail && x->rgd[g->gdi]) {
 		ret = bfile_pwrite(x->file, (uint64_t)x->rgd[g->gdi] * SECTOR +
 				   4ULL * g->gti, le, 4);
 		if (ret < 0)
@@ -301,6 +306,14 @@ static int read_table(struct bfile *f, uint64_t off, uint32_t n,
 	free(raw);
 	*out = t;
 	return 0;
+}
+
+/* How many of n 4-byte entries at off start inside a file of fsize. */
+static uint32_t table_avail(uint64_t off, uint32_t n, uint64_t fsize)
+{
+	if (off >= fsize)
+		return 0;
+	return (uint32_t)MIN((uint64_t)n, DIV_ROUND_UP(fsize - off, 4));
 }
 
 static int open_desc(struct blk *bs, char *buf, struct err *e);
@@ -459,14 +472,13 @@ static int open_sparse(struct blk *bs, struct bfile *f, bool own,
 		err_set(e, "L1 size too big");
 		return -EFBIG;
 	}
-	/* The directories must lie inside the file: a tiny hostile file
-	 * must not make us allocate and read 128 MiB of zeroes. */
-	if (gd > fsec || rgd > fsec ||
-	    gd * SECTOR + gd_n * 4 > fsec * SECTOR + SECTOR ||
-	    (rgd && rgd * SECTOR + gd_n * 4 > fsec * SECTOR + SECTOR)) {
+	/* Directory entries past the end of the file read as zero, as
+	 * they do for qemu; only those inside the file take memory, so a
+	 * tiny hostile file cannot make us allocate 128 MiB. */
+	if (gd > (UINT64_MAX >> 10) || rgd > (UINT64_MAX >> 10)) {
 		err_set(e, "Could not read l1 table from extent '%s': %s",
-			f->name, strerror(EINVAL));
-		return -EINVAL;
+			f->name, strerror(EIO));
+		return -EIO;
 	}
 	if (bs->size / SECTOR + cap > MAX_CAPACITY) {
 		err_set(e, "Image too large");
@@ -488,9 +500,13 @@ static int open_sparse(struct blk *bs, struct bfile *f, bool own,
 	x->has_marker = flags & FLAG_MARKER;
 	x->zero_grain = flags & FLAG_ZERO_GRAIN;
 	x->next_sector = DIV_ROUND_UP(fsec, gran) * gran;
-	ret = read_table(f, gd * SECTOR, x->gd_n, &x->gd);
-	if (!ret && rgd)
-		ret = read_table(f, rgd * SECTOR, x->gd_n, &x->rgd);
+	x->gd_avail = table_avail(gd * SECTOR, x->gd_n, (uint64_t)fsize);
+	ret = read_table(f, gd * SECTOR, x->gd_avail, &x->gd);
+	if (!ret && rgd) {
+		x->rgd_avail = table_avail(rgd * SECTOR, x->gd_n,
+					   (uint64_t)fsize);
+		ret = read_table(f, rgd * SECTOR, x->rgd_avail, &x->rgd);
+	}
 	if (ret < 0) {
 		err_set(e, "Could not read l1 table from extent '%s': %s",
 			f->name, strerror(-ret));
@@ -976,11 +992,20 @@ static int vmdk_block_status(struct blk *bs, uint64_t off, uint64_t len,
 	/* Merge following grains with the same status (and contiguous
 	 * host offsets for uncompressed data). */
 	while (n < len) {
-		int st2 = grain_lookup(x, rel + n, &g2);
+		uint64_t r = rel + n, gdi = r / x->gt_cover;
+		int st2;
+
+		/* a missing grain table: its whole span in one step */
+		if (st == G_UNALLOC && gdi < x->gd_n &&
+		    (gdi >= x->gd_avail || !x->gd[gdi])) {
+			n += MIN(len - n, x->gt_cover - r % x->gt_cover);
+			continue;
+		}
+		st2 = grain_lookup(x, r, &g2);
 		if (st2 != st || (st == G_DATA && (x->compressed ||
 		    g2.host != g.host + in + n)))
 			break;
-		n += MIN(len - n, x->grain);
+		n += MIN(len - n, x->grain - r % x->grain);
 	}
 	*pnum = n;
 	if (st == G_UNALLOC)
@@ -1091,8 +1116,10 @@ static int alloc_grain(struct blk *bs, struct vmdk_extent *x,
 	uint8_t *tmp;
 	int ret;
 
-	if (!x->gd[g->gdi])
+	if (g->gdi >= x->gd_avail || !x->gd[g->gdi])
 		return -EIO;	/* no grain table to record it in */
+	if (gb > MAX_WGRAIN)
+		return -EFBIG;
 	if (x->next_sector >= EXTENT_MAX_SECTORS)
 		return -ENOSPC;
 	tmp = blk_alloc_buf(gb);
@@ -1212,7 +1239,7 @@ static int vmdk_pwrite_zeroes(struct blk *bs, uint64_t off, uint64_t len,
 			if (st < 0)
 				return -EINVAL;
 			if (st != G_ZERO) {
-				if (!x->gd[g.gdi])
+				if (g.gdi >= x->gd_avail || !x->gd[g.gdi])
 					return -EIO;
 				ret = gt_set(x, &g, GTE_ZEROED);
 				if (ret < 0)
@@ -1332,7 +1359,16 @@ static int vmdk_check(struct blk *bs, struct check_result *res, int fix)
 			st = G_DATA;
 			host = x->flat_off;
 		} else {
-			st = grain_lookup(x, off - x->start, &g);
+			uint64_t rel = off - x->start, gdi = rel / x->gt_cover;
+
+			if (gdi < x->gd_n && (gdi >= x->gd_avail ||
+					      !x->gd[gdi])) {
+				/* no grain table: nothing allocated here */
+				off = MIN(ext_end(x), off - rel % x->gt_cover +
+					  x->gt_cover);
+				continue;
+			}
+			st = grain_lookup(x, rel, &g);
 			host = g.host;
 		}
 		if (st < 0) {
