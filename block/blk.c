@@ -312,6 +312,9 @@ static int probed_guard(struct blk *bs, uint64_t off, const void *buf,
 
 	if (!(bs->flags & BLK_O_PROBED) || off >= 512 || !buf)
 		return 0;
+	/* Only raw keeps guest sector 0 at file offset 0. */
+	if (strcmp(bs->drv->name, "raw"))
+		return 0;
 	if (off != 0 || len < 512)
 		return 0;
 	d = blk_probe(buf, len < 4096 ? len : 4096, NULL);

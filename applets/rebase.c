@@ -1,0 +1,260 @@
+/* rebase.c - img-rebase: put an image on another backing file, keeping
+ * what the guest sees (safe mode) or only rewriting the name (-u). */
+//config:config APPLET_REBASE
+//config:	bool "img-rebase"
+//config:	default y
+//config:	help
+//config:	  usage: img-rebase [--object objectdef] [--image-opts] [-U] [-q] [-f fmt] [-t cache] [-T src_cache] [-p] [-u] -b backing_file [-F backing_fmt] filename
+//config:
+//config:	  Change the backing file of FILENAME to BACKING_FILE (format
+//config:	  BACKING_FMT); -b "" removes it. Safe mode first copies into
+//config:	  FILENAME every range where the old and the new backing file
+//config:	  differ, so FILENAME reads the same afterwards.
+//config:
+//config:	  -f FMT    format of FILENAME (default: probe)
+//config:	  -F FMT    format of the new backing file
+//config:	  -t CACHE  cache mode of FILENAME (default writeback)
+//config:	  -T CACHE  cache mode of the backing files (default writeback)
+//config:	  -u        unsafe: only rewrite the backing file name and format
+//config:	  -p        show progress
+//config:	  -q        quiet
+//config:	  -U        force share (no locking)
+//applet:APPLET(rebase, "img-rebase", "f:F:b:upt:T:qU", "object:*,image-opts,force-share=U")
+
+#define FOR_rebase
+#include <stdarg.h>
+#include "imgbox.h"
+#include "blk_driver.h"
+
+/* qemu-img compares the backing files in pieces of this size. */
+#define PIECE		(2u << 20)
+#define SECTOR		512u
+
+static struct {
+	bool on;
+	float cur, last;
+} progress;
+
+static void progress_print(float delta, int max)
+{
+	float cur = max ? progress.cur + delta / 100.0f * (float)max : delta;
+
+	progress.cur = cur;
+	if (!progress.on)
+		return;
+	if (cur > progress.last + 2.0f || cur < progress.last - 2.0f ||
+	    cur == 0 || cur == 100) {
+		progress.last = cur;
+		printf("    (%3.2f/100%%)\r", (double)cur);
+		fflush(stdout);
+	}
+}
+
+NORETURN static void fail(struct blk *bs, const char *fmt, ...) PRINTF(2, 3);
+static void fail(struct blk *bs, const char *fmt, ...)
+{
+	va_list ap;
+
+	if (progress.on)
+		printf("\n");
+	fflush(stdout);
+	fprintf(stderr, "%s: ", progname);
+	va_start(ap, fmt);
+	vfprintf(stderr, fmt, ap);
+	va_end(ap);
+	fputc('\n', stderr);
+	blk_close(bs);
+	die_exit(1);
+}
+
+/* Reads [off, off+len) of img, zeroes past its end (or without img).
+ * Returns 1 if everything read is zero because of that, 0, or -errno. */
+static int read_view(struct blk *img, uint64_t off, uint8_t *buf,
+		     uint64_t len)
+{
+	uint64_t n = 0;
+	int ret;
+
+	if (img && off < img->size) {
+		n = MIN(len, img->size - off);
+		ret = blk_pread(img, off, buf, n);
+		if (ret < 0)
+			return ret;
+	}
+	if (n < len)
+		memset(buf + n, 0, len - n);
+	return n == 0;
+}
+
+/* Makes the top itself hold [off, off+len) wherever the old and the new
+ * backing file differ there, in whole 512-byte sectors as qemu-img. */
+static void merge_piece(struct blk *bs, struct blk *old, struct blk *new,
+			uint64_t off, uint64_t len, uint8_t *bo, uint8_t *bn)
+{
+	int old_zero, ret;
+	uint64_t i = 0;
+
+	old_zero = read_view(old, off, bo, len);
+	if (old_zero < 0)
+		fail(bs, "error while reading from old backing file");
+	ret = read_view(new, off, bn, len);
+	if (ret < 0)
+		fail(bs, "error while reading from new backing file");
+	if (!memcmp(bo, bn, len))
+		return;
+	while (i < len) {
+		uint64_t j = i;
+		bool diff = memcmp(bo + i, bn + i, MIN(SECTOR, len - i)) != 0;
+
+		/* a run of sectors that all differ, or all match */
+		do
+			j += MIN(SECTOR, len - j);
+		while (j < len &&
+		       (memcmp(bo + j, bn + j, MIN(SECTOR, len - j)) != 0) ==
+		       diff);
+		if (diff) {
+			if (old_zero)
+				ret = blk_pwrite_zeroes(bs, off + i, j - i, 0);
+			else
+				ret = blk_pwrite(bs, off + i, bo + i, j - i);
+			if (ret < 0)
+				fail(bs, "Error while writing to COW image: %s",
+				     bs->errmsg[0] ? bs->errmsg :
+				     strerror(-ret));
+		}
+		i = j;
+	}
+}
+
+/* Safe mode: every range the top does not allocate itself reads from the
+ * old backing file now and will read from the new one; where the two
+ * differ, the old content is written into the top. Until the backing
+ * file is switched at the very end the top reads the same all along. */
+static void merge(struct blk *bs, struct blk *old, struct blk *new)
+{
+	uint8_t *bo = blk_alloc_buf(PIECE), *bn = blk_alloc_buf(PIECE);
+	float step = bs->size ? 100.0f / (float)(bs->size /
+				MIN(bs->size, (uint64_t)PIECE)) : 0;
+	uint64_t off, n;
+
+	if (!bo || !bn)
+		fail(bs, "out of memory");
+	for (off = 0; off < bs->size; off += n) {
+		struct bfile *mf;
+		uint64_t map;
+		int st;
+
+		n = MIN((uint64_t)PIECE, bs->size - off);
+		st = blk_block_status(bs, off, n, &n, &map, &mf);
+		if (st < 0)
+			fail(bs, "error while reading image metadata: %s",
+			     strerror(-st));
+		if (st & BLK_STAT_ALLOCATED)
+			continue;
+		merge_piece(bs, old, new, off, n, bo, bn);
+		progress_print(step, 100);
+	}
+	free(bo);
+	free(bn);
+}
+
+/* The backing name is relative to the directory of the image. */
+static char *relative_to(const char *image, const char *name)
+{
+	const char *slash = strrchr(image, '/');
+	char *out;
+	size_t d;
+
+	if (name[0] == '/' || !slash)
+		return strdup(name);
+	d = (size_t)(slash - image) + 1;
+	out = malloc(d + strlen(name) + 1);
+	if (out) {
+		memcpy(out, image, d);
+		strcpy(out + d, name);
+	}
+	return out;
+}
+
+int rebase_main(int argc, char **argv)
+{
+	int i = opts_parse(argc, argv), cache = CACHE_WRITEBACK;
+	int src_cache = CACHE_WRITEBACK, ret;
+	const char *filename, *base = HAS(b) ? ARG(b) : NULL;
+	const char *bfmt = HAS(F) ? ARG(F) : NULL;
+	struct blk *bs, *new = NULL;
+	struct err e = { "" };
+	bool unsafe = HAS(u);
+
+	progress.on = HAS(p) && !HAS(q);
+	if (argc - i != 1)
+		die_usage("Expecting one image file name");
+	if (!unsafe && !base)
+		die_usage("Must specify backing file (-b) or use unsafe mode "
+			  "(-u)");
+	if (HAS(image_opts))
+		die("--image-opts is not supported");
+	filename = argv[i];
+	progress_print(0, 100);
+	if (HAS(t) && blk_parse_cache(ARG(t), &cache) < 0)
+		fail(NULL, "Invalid cache option: %s", ARG(t));
+	if (HAS(T) && blk_parse_cache(ARG(T), &src_cache) < 0)
+		fail(NULL, "Invalid source cache option: %s", ARG(T));
+
+	ret = blk_open(&bs, filename, HAS(f) ? ARG(f) : NULL,
+		       BLK_O_RDWR | (unsafe ? BLK_O_NO_BACKING : 0) |
+		       (HAS(U) ? BLK_O_SHARE : 0), cache, &e);
+	if (ret < 0)
+		fail(NULL, "Could not open '%s': %s", filename,
+		     e.msg[0] ? e.msg : strerror(-ret));
+	warn_probed_raw(bs);
+	if (bfmt && !blk_find_driver(bfmt))
+		fail(bs, "Invalid format name: '%s'", bfmt);
+
+	if (!unsafe) {
+		if (base[0]) {
+			char *path = relative_to(bs->filename, base);
+
+			if (!path)
+				fail(bs, "out of memory");
+			ret = blk_open(&new, path, bfmt,
+				       HAS(U) ? BLK_O_SHARE : 0, src_cache,
+				       &e);
+			free(path);
+			if (ret < 0)
+				fail(bs, "Could not open new backing file "
+				     "'%s': %s", base, e.msg);
+		}
+		merge(bs, bs->backing, new);
+		blk_close(new);
+		ret = blk_flush(bs);
+		if (ret < 0)
+			fail(bs, "Error while writing to COW image: %s",
+			     strerror(-ret));
+	}
+
+	/* Everything that differs is in the top now: switch. */
+	if (base && base[0] && !bfmt)
+		ret = -EINVAL;
+	else if (!bs->drv->change_backing ||
+		 !(bs->drv->caps & BLK_CAP_BACKING))
+		ret = -ENOTSUP;
+	else
+		ret = bs->drv->change_backing(bs, base && base[0] ? base :
+					      NULL, base && base[0] ? bfmt :
+					      NULL, &e);
+	if (ret == -ENOSPC)
+		msg("Could not change the backing file to '%s': No space left "
+		    "in the file header", base ? base : "");
+	else if (ret == -EINVAL && base && base[0] && !bfmt)
+		msg("Could not change the backing file to '%s': backing "
+		    "format must be specified", base);
+	else if (ret < 0)
+		msg("Could not change the backing file to '%s': %s",
+		    base ? base : "", strerror(-ret));
+	progress_print(100, 0);
+	if (progress.on)
+		printf("\n");
+	blk_close(bs);
+	return ret < 0 ? 1 : 0;
+}
