@@ -20,7 +20,7 @@
 #include "blk_driver.h"
 #include "convert.h"
 
-#define CHUNK_MAX	(2u << 20)	/* bytes per chunk, before alignment */
+#define CHUNK_MAX	(1u << 20)	/* bytes per chunk, before alignment */
 
 enum chunk_kind { CK_DATA, CK_ZERO, CK_SKIP };
 
