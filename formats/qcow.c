@@ -659,8 +659,8 @@ static int qcow_create(const char *filename, const struct optlist *opts,
 	}
 	if (enc || ef || optlist_get(opts, "encrypt.key-secret")) {
 		if (ef && strcmp(ef, "aes")) {
-			err_set(e, "Parameter 'format' does not accept value '%s'",
-				ef);
+			err_set(e, "Parameter 'format' does not accept "
+				"value '%s'", ef);
 			ret = -EINVAL;
 			goto out;
 		}
