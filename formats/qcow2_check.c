@@ -1,0 +1,1210 @@
+/* qcow2_check.c - consistency check and repair of qcow2 images
+ * (qemu-img check [-r leaks|all]).
+ *
+ * The check counts every reference the metadata makes (header, L1/L2
+ * tables of the image and of each snapshot, data clusters, snapshot table,
+ * refcount table and blocks, encryption header, bitmaps) into an in-memory
+ * refcount array and compares it with the refcounts on disk
+ * (qcow2.txt, "Host cluster management"). The array uses the on-disk
+ * refcount encoding, so that a broken refcount structure can be rebuilt by
+ * writing slices of it as new refcount blocks.
+ *
+ * The report lines on stderr and the counting rules follow qemu-img 7.2,
+ * which is the oracle of the test suite: a mismatch where the refcount is
+ * higher than the references is a leak, lower is a corruption, and a
+ * referenced cluster without any refcount (or a broken refcount block)
+ * makes the refcount structure be rebuilt under -r all. */
+//format:PART(qcow2)
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include "qcow2.h"
+
+/* Memory cap of the computed refcounts (qemu-img itself stops at 2^31
+ * clusters). */
+#define CK_MAX_ARRAY_BYTES	(1ULL << 30)
+#define CK_MAX_CLUSTERS		0x7fffffffULL
+#define CK_MAX_L1_ENTRIES	((32ULL << 20) / 8)
+#define CK_MAX_BITMAP_DIR	(64ULL << 20)
+#define CK_REFT_RESERVED	0x1ffULL
+#define CK_BME_RESERVED		0xff000000000001feULL
+#define CK_L2_BITMAP_ALLOC	0xffffffffULL
+
+struct ck {
+	struct blk *bs;
+	struct qcow2 *s;
+	struct check_result *res;
+	uint8_t *rc;		/* computed refcounts, on-disk encoding */
+	uint64_t nb;		/* clusters covered by rc */
+	uint64_t rc_bytes;	/* allocated bytes of rc (whole clusters) */
+	bool rebuild;
+	bool report;		/* bs->errmsg says why the repair stopped */
+};
+
+/* ---- the computed refcount array ---- */
+
+static uint64_t arr_get(const struct qcow2 *s, const uint8_t *b, uint64_t i)
+{
+	unsigned bits = 1u << s->refcount_order;
+
+	switch (bits) {
+	case 64: return ld_be64(b + i * 8);
+	case 32: return ld_be32(b + i * 4);
+	case 16: return ld_be16(b + i * 2);
+	case 8: return b[i];
+	default:
+		return (uint64_t)(b[i * bits / 8] >> (i * bits % 8)) &
+		       ((1u << bits) - 1);
+	}
+}
+
+static void arr_set(const struct qcow2 *s, uint8_t *b, uint64_t i,
+		    uint64_t v)
+{
+	unsigned bits = 1u << s->refcount_order, sh, m;
+
+	switch (bits) {
+	case 64: st_be64(b + i * 8, v); return;
+	case 32: st_be32(b + i * 4, (uint32_t)v); return;
+	case 16: st_be16(b + i * 2, (uint16_t)v); return;
+	case 8: b[i] = (uint8_t)v; return;
+	default:
+		sh = (unsigned)(i * bits % 8);
+		m = ((1u << bits) - 1) << sh;
+		b[i * bits / 8] = (uint8_t)((b[i * bits / 8] & ~m) |
+					    ((v << sh) & m));
+	}
+}
+
+static uint64_t ck_get(const struct ck *c, uint64_t i)
+{
+	return i < c->nb ? arr_get(c->s, c->rc, i) : 0;
+}
+
+/* Room for n clusters; the byte size stays a multiple of the cluster size
+ * so that any refcount block's slice can be written as it is. */
+static int ck_resize(struct ck *c, uint64_t n)
+{
+	uint64_t cs = c->s->cluster_size, bytes;
+	uint8_t *p;
+
+	if (n > CK_MAX_CLUSTERS * 2)
+		return -EFBIG;
+	bytes = ALIGN_UP(DIV_ROUND_UP(n << c->s->refcount_order, 8), cs);
+	if (bytes > CK_MAX_ARRAY_BYTES)
+		return -ENOMEM;
+	if (bytes > c->rc_bytes) {
+		p = realloc(c->rc, bytes);
+		if (!p)
+			return -ENOMEM;
+		memset(p + c->rc_bytes, 0, bytes - c->rc_bytes);
+		c->rc = p;
+		c->rc_bytes = bytes;
+	}
+	c->nb = n;
+	return 0;
+}
+
+/* One more reference to every cluster of [off, off+size). */
+static int ck_ref(struct ck *c, uint64_t off, uint64_t size)
+{
+	struct qcow2 *s = c->s;
+	uint64_t cs = s->cluster_size, end, first, last;
+	int64_t flen;
+	int ret;
+
+	if (!size)
+		return 0;
+	flen = bfile_size(c->bs->file);
+	if (flen < 0)
+		return (int)flen;
+	/* The last cluster may be partly beyond the end of the file. */
+	if (add_overflow_u64(off, size, &end) ||
+	    (end > (uint64_t)flen && end - (uint64_t)flen >= cs)) {
+		fprintf(stderr, "ERROR: counting reference for region "
+			"exceeding the end of the file by one cluster or more: "
+			"offset 0x%" PRIx64 " size 0x%" PRIx64 "\n", off, size);
+		c->res->corruptions++;
+		return 0;
+	}
+	first = off >> s->cluster_bits;
+	last = (end - 1) >> s->cluster_bits;
+	for (uint64_t k = first; k <= last; k++) {
+		uint64_t v;
+
+		if (k >= c->nb) {
+			ret = ck_resize(c, k + 1);
+			if (ret < 0) {
+				c->res->check_errors++;
+				return ret;
+			}
+		}
+		v = arr_get(s, c->rc, k);
+		if (v == s->rc_max) {
+			fprintf(stderr, "ERROR: overflow cluster offset=0x%"
+				PRIx64 "\n", k << s->cluster_bits);
+			fprintf(stderr, "Use qemu-img amend to increase the "
+				"refcount entry width or qemu-img convert to "
+				"create a clean copy if the image cannot be "
+				"opened for writing\n");
+			c->res->corruptions++;
+			continue;
+		}
+		arr_set(s, c->rc, k, v + 1);
+	}
+	return 0;
+}
+
+/* Refcount of cluster ci as the image records it. */
+static int disk_rc(struct ck *c, uint64_t ci, uint64_t *rc)
+{
+	struct qcow2 *s = c->s;
+	uint64_t bi = ci >> s->rb_bits, off;
+	uint8_t *b;
+	int ret;
+
+	*rc = 0;
+	if (bi >= s->rt_size)
+		return 0;
+	off = s->rt[bi] & QCOW2_RT_OFFSET_MASK;
+	if (!off)
+		return 0;
+	if (off & (s->cluster_size - 1))
+		return -EIO;
+	ret = qcow2_cache_get(c->bs, &s->rbc, off, false, &b);
+	if (ret < 0)
+		return ret;
+	*rc = arr_get(s, b, ci & ((1ULL << s->rb_bits) - 1));
+	return 0;
+}
+
+/* ---- references ---- */
+
+enum { T_UNALLOC, T_ZERO_PLAIN, T_ZERO_ALLOC, T_NORMAL, T_COMPRESSED };
+
+static int l2_type(const struct qcow2 *s, uint64_t e)
+{
+	if (e & QCOW2_OFLAG_COMPRESSED)
+		return T_COMPRESSED;
+	if ((e & QCOW2_OFLAG_ZERO) && !s->ext_l2)
+		return e & QCOW2_OFFSET_MASK ? T_ZERO_ALLOC : T_ZERO_PLAIN;
+	return e & QCOW2_OFFSET_MASK ? T_NORMAL : T_UNALLOC;
+}
+
+/* A preallocated cluster at a misaligned offset holds no data: the entry
+ * becomes a plain zero cluster. */
+static int fix_entry_by_zero(struct ck *c, uint64_t l2_off, uint8_t *t,
+			     unsigned i)
+{
+	struct qcow2 *s = c->s;
+	uint8_t *p = t + (size_t)i * s->l2_esize;
+	int ret;
+
+	if (s->ext_l2) {
+		st_be64(p, 0);
+		st_be64(p + 8, CK_L2_BITMAP_ALLOC << 32);
+	} else {
+		st_be64(p, QCOW2_OFLAG_ZERO);
+	}
+	qcow2_cache_drop(&s->l2c, l2_off);
+	ret = bfile_pwrite(c->bs->file, l2_off + (uint64_t)i * s->l2_esize,
+			   p, s->l2_esize);
+	if (!ret)
+		ret = bfile_flush(c->bs->file);
+	if (ret < 0) {
+		fprintf(stderr, "ERROR: Failed to overwrite L2 table entry: "
+			"%s\n", strerror(-ret));
+		c->res->check_errors++;
+		return ret;
+	}
+	c->res->corruptions--;
+	c->res->corruptions_fixed++;
+	return 0;
+}
+
+static int check_l2(struct ck *c, uint64_t l2_off, bool stats, int fix)
+{
+	struct qcow2 *s = c->s;
+	struct check_result *res = c->res;
+	uint64_t cs = s->cluster_size, next = 0;
+	unsigned n = 1u << s->l2_bits;
+	uint8_t *t = malloc(cs);
+	int ret;
+
+	if (!t) {
+		res->check_errors++;
+		return -ENOMEM;
+	}
+	ret = bfile_pread(c->bs->file, l2_off, t, cs);
+	if (ret < 0) {
+		fprintf(stderr, "ERROR: I/O error in check_refcounts_l2\n");
+		res->check_errors++;
+		goto out;
+	}
+	for (unsigned i = 0; i < n; i++) {
+		uint8_t *p = t + (size_t)i * s->l2_esize;
+		uint64_t e = ld_be64(p), bm = s->ext_l2 ? ld_be64(p + 8) : 0;
+		uint64_t off, len;
+		int type = l2_type(s, e);
+		bool data;
+
+		if (type != T_COMPRESSED && (e & QCOW2_L2E_RESERVED)) {
+			fprintf(stderr, "ERROR found l2 entry with reserved "
+				"bits set: %" PRIx64 "\n", e);
+			res->corruptions++;
+		}
+		switch (type) {
+		case T_COMPRESSED:
+			if (e & QCOW2_OFLAG_COPIED) {
+				qcow2_compressed_range(s, e, &off, &len);
+				fprintf(stderr, "ERROR: coffset=0x%" PRIx64 ": "
+					"copied flag must never be set for "
+					"compressed clusters\n", off);
+				e &= ~QCOW2_OFLAG_COPIED;
+				res->corruptions++;
+			}
+			if (bm) {
+				fprintf(stderr, "ERROR compressed cluster %u "
+					"with non-zero subcluster allocation "
+					"bitmap, entry=0x%" PRIx64 "\n", i, e);
+				res->corruptions++;
+				break;
+			}
+			qcow2_compressed_range(s, e, &off, &len);
+			ret = ck_ref(c, off, len);
+			if (ret < 0)
+				goto out;
+			if (stats) {
+				/* compressed clusters count as fragmented */
+				res->allocated_clusters++;
+				res->compressed_clusters++;
+				res->fragmented_clusters++;
+			}
+			break;
+		case T_ZERO_ALLOC:
+		case T_NORMAL:
+			off = e & QCOW2_OFFSET_MASK;
+			if ((bm >> 32) & bm) {
+				res->corruptions++;
+				fprintf(stderr, "ERROR offset=%" PRIx64 ": "
+					"Allocated cluster has corrupted "
+					"subcluster allocation bitmap\n", off);
+			}
+			if (off & (cs - 1)) {
+				res->corruptions++;
+				data = s->ext_l2 ? (bm & CK_L2_BITMAP_ALLOC) :
+				       !(e & QCOW2_OFLAG_ZERO);
+				if (data) {
+					fprintf(stderr, "ERROR offset=%" PRIx64
+						": Data cluster is not properly"
+						" aligned; L2 entry "
+						"corrupted.\n", off);
+				} else {
+					fprintf(stderr, "%s offset=%" PRIx64
+						": Preallocated cluster is not "
+						"properly aligned; L2 entry "
+						"corrupted.\n",
+						fix & CHECK_FIX_ERRORS ?
+						"Repairing" : "ERROR", off);
+					if ((fix & CHECK_FIX_ERRORS) &&
+					    !fix_entry_by_zero(c, l2_off, t,
+							       i))
+						continue;
+				}
+			}
+			if (stats) {
+				res->allocated_clusters++;
+				if (next && off != next)
+					res->fragmented_clusters++;
+				next = off + cs;
+			}
+			ret = ck_ref(c, off, cs);
+			if (ret < 0)
+				goto out;
+			break;
+		case T_UNALLOC:
+			if (bm & CK_L2_BITMAP_ALLOC) {
+				res->corruptions++;
+				fprintf(stderr, "ERROR: Unallocated cluster has"
+					" non-zero subcluster allocation "
+					"map\n");
+			}
+			break;
+		default:
+			break;
+		}
+	}
+	ret = 0;
+out:
+	free(t);
+	return ret;
+}
+
+static int check_l1(struct ck *c, uint64_t l1_off, uint32_t l1_size,
+		    bool stats, int fix)
+{
+	struct qcow2 *s = c->s;
+	struct check_result *res = c->res;
+	uint8_t *t;
+	int ret;
+
+	if (!l1_size)
+		return 0;
+	ret = ck_ref(c, l1_off, (uint64_t)l1_size * 8);
+	if (ret < 0)
+		return ret;
+	t = malloc((size_t)l1_size * 8);
+	if (!t) {
+		res->check_errors++;
+		return -ENOMEM;
+	}
+	ret = bfile_pread(c->bs->file, l1_off, t, (size_t)l1_size * 8);
+	if (ret < 0) {
+		fprintf(stderr, "ERROR: I/O error in check_refcounts_l1\n");
+		res->check_errors++;
+		goto out;
+	}
+	for (uint32_t i = 0; i < l1_size; i++) {
+		uint64_t e = ld_be64(t + (size_t)i * 8), l2;
+
+		if (!e)
+			continue;
+		if (e & QCOW2_L1E_RESERVED) {
+			fprintf(stderr, "ERROR found L1 entry with reserved "
+				"bits set: %" PRIx64 "\n", e);
+			res->corruptions++;
+		}
+		l2 = e & QCOW2_OFFSET_MASK;
+		ret = ck_ref(c, l2, s->cluster_size);
+		if (ret < 0)
+			goto out;
+		if (l2 & (s->cluster_size - 1)) {
+			fprintf(stderr, "ERROR l2_offset=%" PRIx64 ": Table is "
+				"not cluster aligned; L1 entry corrupted\n",
+				l2);
+			res->corruptions++;
+		}
+		ret = check_l2(c, l2, stats, fix);
+		if (ret < 0)
+			goto out;
+	}
+	ret = 0;
+out:
+	free(t);
+	return ret;
+}
+
+/* Byte length of the snapshot table (entries are 8-byte aligned; the
+ * last one is counted without its padding). */
+static int snapshot_table_size(struct ck *c, uint64_t *size)
+{
+	struct qcow2 *s = c->s;
+	uint64_t off = s->snapshots_offset, end = off;
+	uint8_t h[40];
+	int ret;
+
+	for (uint32_t i = 0; i < s->nb_snapshots; i++) {
+		off = ALIGN_UP(off, 8);
+		if (off - s->snapshots_offset > QCOW2_MAX_SN_TABLE)
+			return -EFBIG;
+		ret = bfile_pread(c->bs->file, off, h, sizeof(h));
+		if (ret < 0)
+			return ret;
+		off += 40 + (uint64_t)ld_be32(h + 36) + ld_be16(h + 12) +
+		       ld_be16(h + 14);
+		end = off;
+	}
+	*size = end - s->snapshots_offset;
+	return 0;
+}
+
+/* Header extensions that reference clusters: the encryption header and
+ * the bitmap directory. */
+struct ck_ext {
+	uint64_t crypt_off, crypt_len;
+	uint32_t nb_bitmaps;
+	uint64_t bmdir_off, bmdir_size;
+};
+
+static int read_exts(struct ck *c, struct ck_ext *x)
+{
+	struct qcow2 *s = c->s;
+	uint64_t cs = s->cluster_size, p = s->header_length, end;
+	uint8_t *h = malloc(cs);
+	int ret;
+
+	memset(x, 0, sizeof(*x));
+	if (!h)
+		return -ENOMEM;
+	ret = bfile_pread(c->bs->file, 0, h, cs);
+	if (ret < 0)
+		goto out;
+	end = ld_be64(h + QH_BACKING_OFF);
+	if (!end || end > cs)
+		end = cs;
+	if (s->version < 3)
+		p = 72;
+	while (p + 8 <= end) {
+		uint32_t type = ld_be32(h + p), len = ld_be32(h + p + 4);
+		const uint8_t *d = h + p + 8;
+
+		p += 8;
+		if (type == QCOW2_EXT_END || len > end - p)
+			break;
+		if (type == QCOW2_EXT_CRYPTO && len >= 16) {
+			x->crypt_off = ld_be64(d);
+			x->crypt_len = ld_be64(d + 8);
+		}
+		if (type == QCOW2_EXT_BITMAPS && len >= 24) {
+			x->nb_bitmaps = ld_be32(d);
+			x->bmdir_size = ld_be64(d + 8);
+			x->bmdir_off = ld_be64(d + 16);
+		}
+		p += ALIGN_UP((uint64_t)len, 8);
+	}
+	/* bitmaps written by a program that did not know them are stale and
+	 * not used (qcow2.txt, "autoclear_features" bit 0) */
+	if (!(s->autoclear & QCOW2_AUTOCLEAR_BITMAPS))
+		x->nb_bitmaps = 0;
+out:
+	free(h);
+	return ret;
+}
+
+static bool bitmap_entry_ok(uint64_t e, uint64_t cs)
+{
+	uint64_t off = e & QCOW2_OFFSET_MASK;
+
+	if (e & CK_BME_RESERVED)
+		return false;
+	return !off || (!(e & 1) && !(off & (cs - 1)));
+}
+
+static int check_bitmaps(struct ck *c, const struct ck_ext *x)
+{
+	struct qcow2 *s = c->s;
+	uint64_t cs = s->cluster_size;
+	uint8_t *dir = NULL, *tbl = NULL;
+	uint64_t p = 0;
+	int ret;
+
+	if (!x->nb_bitmaps)
+		return 0;
+	ret = ck_ref(c, x->bmdir_off, x->bmdir_size);
+	if (ret < 0)
+		return ret;
+	if (x->bmdir_size > CK_MAX_BITMAP_DIR || !x->bmdir_size ||
+	    (x->bmdir_off & (cs - 1)))
+		goto bad;
+	dir = malloc(x->bmdir_size);
+	if (!dir) {
+		c->res->check_errors++;
+		return -ENOMEM;
+	}
+	ret = bfile_pread(c->bs->file, x->bmdir_off, dir, x->bmdir_size);
+	if (ret < 0)
+		goto bad;
+	for (uint32_t i = 0; i < x->nb_bitmaps; i++) {
+		uint64_t toff, tsize, esz;
+
+		if (x->bmdir_size - p < 24)
+			goto bad;
+		toff = ld_be64(dir + p);
+		tsize = ld_be32(dir + p + 8);
+		esz = ALIGN_UP(24 + (uint64_t)ld_be32(dir + p + 20) +
+			       ld_be16(dir + p + 18), 8);
+		if (esz > x->bmdir_size - p || (toff & (cs - 1)) ||
+		    tsize * 8 > QCOW2_MAX_L1_BYTES)
+			goto bad;
+		p += esz;
+		ret = ck_ref(c, toff, tsize * 8);
+		if (ret < 0)
+			goto out;
+		free(tbl);
+		tbl = malloc(tsize * 8 + 1);
+		if (!tbl) {
+			c->res->check_errors++;
+			ret = -ENOMEM;
+			goto out;
+		}
+		ret = bfile_pread(c->bs->file, toff, tbl, tsize * 8);
+		if (ret < 0) {
+			c->res->corruptions++;
+			ret = 0;
+			break;
+		}
+		for (uint64_t k = 0; k < tsize; k++) {
+			uint64_t e = ld_be64(tbl + k * 8);
+
+			if (!bitmap_entry_ok(e, cs)) {
+				c->res->corruptions++;
+				continue;
+			}
+			if (!(e & QCOW2_OFFSET_MASK))
+				continue;
+			ret = ck_ref(c, e & QCOW2_OFFSET_MASK, cs);
+			if (ret < 0)
+				goto out;
+		}
+	}
+	ret = 0;
+	goto out;
+bad:
+	c->res->corruptions++;
+	ret = -EINVAL;
+out:
+	free(dir);
+	free(tbl);
+	return ret;
+}
+
+/* Every refcount block: aligned, inside the file, referenced once. */
+static int check_refblocks(struct ck *c, int fix)
+{
+	struct qcow2 *s = c->s;
+	struct check_result *res = c->res;
+	uint64_t cs = s->cluster_size;
+	int ret;
+
+	for (uint64_t i = 0; i < s->rt_size; i++) {
+		uint64_t off = s->rt[i] & QCOW2_RT_OFFSET_MASK;
+		uint64_t ci = off >> s->cluster_bits;
+		struct err e;
+		int64_t size;
+
+		if (s->rt[i] & CK_REFT_RESERVED) {
+			fprintf(stderr, "ERROR refcount table entry %" PRIu64
+				" has reserved bits set\n", i);
+			res->corruptions++;
+			c->rebuild = true;
+			continue;
+		}
+		if (off & (cs - 1)) {
+			fprintf(stderr, "ERROR refcount block %" PRIu64 " is "
+				"not cluster aligned; refcount table entry "
+				"corrupted\n", i);
+			res->corruptions++;
+			c->rebuild = true;
+			continue;
+		}
+		if (ci >= c->nb) {
+			res->corruptions++;
+			fprintf(stderr, "%s refcount block %" PRIu64 " is "
+				"outside image\n", fix & CHECK_FIX_ERRORS ?
+				"Repairing" : "ERROR", i);
+			if (!(fix & CHECK_FIX_ERRORS))
+				continue;
+			/* the block becomes the zeroed last cluster */
+			ret = -EINVAL;
+			if (off > INT64_MAX - cs || ci + 1 > CK_MAX_CLUSTERS)
+				goto resize_fail;
+			ret = bfile_truncate(c->bs->file, off + cs,
+					     PREALLOC_OFF, &e);
+			if (ret < 0)
+				goto resize_fail;
+			size = bfile_size(c->bs->file);
+			ret = size < 0 ? (int)size : 0;
+			if (ret < 0)
+				goto resize_fail;
+			ret = ck_resize(c, DIV_ROUND_UP((uint64_t)size, cs));
+			if (ret < 0) {
+				res->check_errors++;
+				return ret;
+			}
+			res->corruptions--;
+			res->corruptions_fixed++;
+			ret = ck_ref(c, off, cs);
+			if (ret < 0)
+				return ret;
+			continue;
+resize_fail:
+			c->rebuild = true;
+			fprintf(stderr, "ERROR could not resize image: %s\n",
+				strerror(-ret));
+			continue;
+		}
+		if (!off)
+			continue;
+		ret = ck_ref(c, off, cs);
+		if (ret < 0)
+			return ret;
+		if (ck_get(c, ci) != 1) {
+			fprintf(stderr, "ERROR refcount block %" PRIu64
+				" refcount=%" PRIu64 "\n", i, ck_get(c, ci));
+			res->corruptions++;
+			c->rebuild = true;
+		}
+	}
+	return 0;
+}
+
+/* Counts every reference of the image into c->rc. */
+static int calculate(struct ck *c, int fix)
+{
+	struct qcow2 *s = c->s;
+	uint64_t sn_size = 0;
+	struct ck_ext x;
+	int ret;
+
+	ret = ck_ref(c, 0, s->cluster_size);
+	if (ret < 0)
+		return ret;
+	ret = check_l1(c, s->l1_offset, s->l1_size, true, fix);
+	if (ret < 0)
+		return ret;
+	for (uint32_t i = 0; i < s->nb_snapshots; i++) {
+		const struct qcow2_snapshot *sn = &s->sn[i];
+
+		if (sn->l1_offset & (s->cluster_size - 1)) {
+			fprintf(stderr, "ERROR snapshot %s (%s) l1_offset=%#"
+				PRIx64 ": L1 table is not cluster aligned; "
+				"snapshot table entry corrupted\n",
+				sn->info.id, sn->info.name, sn->l1_offset);
+			c->res->corruptions++;
+			continue;
+		}
+		if (sn->l1_size > CK_MAX_L1_ENTRIES) {
+			fprintf(stderr, "ERROR snapshot %s (%s) l1_size=%#"
+				PRIx32 ": L1 table is too large; snapshot "
+				"table entry corrupted\n", sn->info.id,
+				sn->info.name, sn->l1_size);
+			c->res->corruptions++;
+			continue;
+		}
+		ret = check_l1(c, sn->l1_offset, sn->l1_size, false, fix);
+		if (ret < 0)
+			return ret;
+	}
+	ret = snapshot_table_size(c, &sn_size);
+	if (ret < 0) {
+		c->res->check_errors++;
+		return ret;
+	}
+	ret = ck_ref(c, s->snapshots_offset, sn_size);
+	if (ret < 0)
+		return ret;
+	ret = ck_ref(c, s->rt_offset, s->rt_size * 8);
+	if (ret < 0)
+		return ret;
+	ret = read_exts(c, &x);
+	if (ret < 0) {
+		c->res->check_errors++;
+		return ret;
+	}
+	if (x.crypt_len) {
+		ret = ck_ref(c, x.crypt_off, x.crypt_len);
+		if (ret < 0)
+			return ret;
+	}
+	ret = check_bitmaps(c, &x);
+	if (ret < 0)
+		return ret;
+	return check_refblocks(c, fix);
+}
+
+/* Compares the image's refcounts with the computed ones; with fix, leaks
+ * (refcount too high) and corruptions (too low, but not zero) are
+ * corrected. *highest: last cluster in use. */
+static void compare(struct ck *c, int fix, uint64_t *highest)
+{
+	struct qcow2 *s = c->s;
+	struct check_result *res = c->res;
+
+	*highest = 0;
+	for (uint64_t i = 0; i < c->nb; i++) {
+		uint64_t r1, r2 = arr_get(s, c->rc, i), diff;
+		int *fixed = NULL;
+		int ret = disk_rc(c, i, &r1);
+
+		if (ret < 0) {
+			fprintf(stderr, "Can't get refcount for cluster %"
+				PRIu64 ": %s\n", i, strerror(-ret));
+			res->check_errors++;
+			continue;
+		}
+		if (r1 || r2)
+			*highest = i;
+		if (r1 == r2)
+			continue;
+		if (!r1)
+			c->rebuild = true;
+		else if (r1 > r2 && (fix & CHECK_FIX_LEAKS))
+			fixed = &res->leaks_fixed;
+		else if (r1 < r2 && (fix & CHECK_FIX_ERRORS))
+			fixed = &res->corruptions_fixed;
+		fprintf(stderr, "%s cluster %" PRIu64 " refcount=%" PRIu64
+			" reference=%" PRIu64 "\n", fixed ? "Repairing" :
+			r1 < r2 ? "ERROR" : "Leaked", i, r1, r2);
+		diff = r1 > r2 ? r1 - r2 : r2 - r1;
+		if (fixed && diff <= INT64_MAX) {
+			int64_t d = r1 > r2 ? -(int64_t)diff : (int64_t)diff;
+			uint64_t off = i << s->cluster_bits;
+
+			ret = qcow2_rc_update(c->bs, off, s->cluster_size, d);
+			if (ret >= 0) {
+				/* a freed cluster is discarded, as qemu
+				 * does, which keeps the file sparse */
+				if (!r2)
+					(void)bfile_discard(c->bs->file, off,
+							    s->cluster_size);
+				(*fixed)++;
+				continue;
+			}
+		}
+		if (r1 < r2)
+			res->corruptions++;
+		else
+			res->leaks++;
+	}
+}
+
+/* ---- rebuilding the refcount structure ---- */
+
+/* count free clusters in c->rc from *first_free on (growing the array at
+ * the end of the image when needed), now with refcount 1. */
+static int64_t alloc_in_array(struct ck *c, uint64_t count,
+			      uint64_t *first_free)
+{
+	uint64_t ci = *first_free, run = 0;
+	bool first_gap = true;
+	int ret;
+
+	for (; ci < c->nb && run < count; ci++) {
+		if (!arr_get(c->s, c->rc, ci)) {
+			run++;
+			if (first_gap) {
+				*first_free = ci;
+				first_gap = false;
+			}
+		} else {
+			run = 0;
+		}
+	}
+	if (run < count) {
+		ret = ck_resize(c, ci + count - run);
+		if (ret < 0)
+			return ret;
+	}
+	ci -= run;
+	for (uint64_t k = 0; k < count; k++)
+		arr_set(c->s, c->rc, ci + k, 1);
+	return (int64_t)(ci << c->s->cluster_bits);
+}
+
+/* Writes a refcount block for every block of [first, end) that has a
+ * cluster in use, allocating the blocks in the array itself. Returns 1 if
+ * the new refcount table had to grow, 0 if not, or -errno. */
+static int write_refblocks(struct ck *c, uint64_t first, uint64_t end,
+			   uint64_t **prt, uint64_t *pn)
+{
+	struct qcow2 *s = c->s;
+	uint64_t cs = s->cluster_size, first_free = 0, *rt = *prt, n = *pn;
+	bool grown = false;
+	int ret;
+
+	for (uint64_t ci = first; ci < end; ci++) {
+		uint64_t bi = ci >> s->rb_bits, bstart = bi << s->rb_bits;
+		uint64_t boff;
+
+		if (!ck_get(c, ci))
+			continue;
+		if (bi < n && rt[bi]) {
+			boff = rt[bi];
+		} else {
+			int64_t a;
+
+			/* never inside a block already written */
+			if (first_free < bstart)
+				first_free = bstart;
+			a = alloc_in_array(c, 1, &first_free);
+			if (a < 0)
+				return qcow2_set_errmsg(c->bs, (int)a,
+					"ERROR allocating refblock: %s",
+					strerror((int)-a));
+			boff = (uint64_t)a;
+			if ((boff >> s->cluster_bits) >= end)
+				end = (boff >> s->cluster_bits) + 1;
+			if (bi >= n) {
+				uint64_t nn = ALIGN_UP((bi + 1) * 8, cs) / 8;
+				uint64_t *p;
+
+				if (nn * 8 > QCOW2_MAX_RT_BYTES)
+					return qcow2_set_errmsg(c->bs, -EFBIG,
+						"ERROR allocating reftable "
+						"memory");
+				p = realloc(rt, nn * 8);
+				if (!p)
+					return qcow2_set_errmsg(c->bs, -ENOMEM,
+						"ERROR allocating reftable "
+						"memory");
+				memset(p + n, 0, (nn - n) * 8);
+				*prt = rt = p;
+				*pn = n = nn;
+				grown = true;
+			}
+			rt[bi] = boff;
+		}
+		/* the block is the slice of the array it describes */
+		ret = bfile_pwrite(c->bs->file, boff, c->rc + bi * cs, cs);
+		if (ret < 0)
+			return qcow2_set_errmsg(c->bs, ret, "ERROR writing "
+						"refblock: %s",
+						strerror(-ret));
+		ci = bstart + (1ULL << s->rb_bits) - 1;
+	}
+	return grown;
+}
+
+/* New refcount blocks and table from the computed refcounts, placed in
+ * clusters nothing uses; the header switches to them last, so a failure
+ * before leaves the old structure in place. The old blocks become
+ * leaks that the caller frees. */
+static int rebuild(struct ck *c)
+{
+	struct qcow2 *s = c->s;
+	struct blk *bs = c->bs;
+	uint64_t cs = s->cluster_size, *rt = NULL, n = 0, len = 0, tc = 0;
+	int64_t rt_off = -1;
+	uint8_t *buf = NULL, hdr[12];
+	int ret;
+
+	ret = qcow2_cache_flush(bs, &s->rbc);
+	if (ret < 0)
+		goto fail;
+	for (int i = 0; i < s->rbc.n; i++)
+		qcow2_cache_drop(&s->rbc, s->rbc.e[i].off);
+	ret = write_refblocks(c, 0, c->nb, &rt, &n);
+	if (ret < 0)
+		goto fail;
+	do {
+		uint64_t first_free = 0, start;
+
+		len = n * 8;
+		tc = DIV_ROUND_UP(len, cs);
+		rt_off = alloc_in_array(c, tc, &first_free);
+		if (rt_off < 0) {
+			ret = qcow2_set_errmsg(bs, (int)rt_off, "ERROR "
+					       "allocating reftable: %s",
+					       strerror((int)-rt_off));
+			goto fail;
+		}
+		start = (uint64_t)rt_off >> s->cluster_bits;
+		ret = write_refblocks(c, start, start + tc, &rt, &n);
+		if (ret < 0)
+			goto fail;
+	} while (ret > 0);
+	buf = blk_alloc_buf(len);
+	if (!buf) {
+		ret = -ENOMEM;
+		goto fail;
+	}
+	for (uint64_t i = 0; i < n; i++)
+		st_be64(buf + i * 8, rt[i]);
+	ret = bfile_pwrite(bs->file, (uint64_t)rt_off, buf, len);
+	if (ret < 0) {
+		qcow2_set_errmsg(bs, ret, "ERROR writing reftable: %s",
+				 strerror(-ret));
+		goto fail;
+	}
+	/* everything the new table points to is on disk before the header
+	 * points to it */
+	ret = bfile_flush(bs->file);
+	if (ret < 0)
+		goto fail;
+	st_be64(hdr, (uint64_t)rt_off);
+	st_be32(hdr + 8, (uint32_t)tc);
+	ret = qcow2_write_header_field(bs, QH_RT_OFFSET, hdr, sizeof(hdr));
+	if (!ret)
+		ret = bfile_flush(bs->file);
+	if (ret < 0) {
+		qcow2_set_errmsg(bs, ret, "ERROR setting reftable: %s",
+				 strerror(-ret));
+		goto fail;
+	}
+	free(s->rt);
+	s->rt = rt;
+	s->rt_size = n;
+	s->rt_offset = (uint64_t)rt_off;
+	s->rt_clusters = (uint32_t)tc;
+	s->free_hint = 0;
+	s->free_byte_off = 0;
+	free(buf);
+	return 0;
+fail:
+	free(rt);
+	free(buf);
+	return ret;
+}
+
+/* ---- OFLAG_COPIED ---- */
+
+static int write_l1_entry(struct ck *c, uint32_t i)
+{
+	uint8_t b[8];
+
+	st_be64(b, c->s->l1[i]);
+	return bfile_pwrite(c->bs->file, c->s->l1_offset + (uint64_t)i * 8,
+			    b, 8);
+}
+
+/* The COPIED flag of the active L1/L2 entries must be set exactly when
+ * the refcount of what they point to is 1. */
+static int check_copied(struct ck *c, int fix)
+{
+	struct qcow2 *s = c->s;
+	struct check_result *res = c->res;
+	uint64_t cs = s->cluster_size;
+	unsigned n = 1u << s->l2_bits;
+	uint8_t *t = malloc(cs);
+	bool repair;
+	int ret = 0;
+
+	if (!t) {
+		res->check_errors++;
+		return -ENOMEM;
+	}
+	if (fix & CHECK_FIX_ERRORS)
+		repair = true;
+	else if (fix & CHECK_FIX_LEAKS)
+		/* safe only when the refcounts are known to be right */
+		repair = !res->check_errors && !res->corruptions &&
+			 !res->leaks;
+	else
+		repair = false;
+	for (uint32_t i = 0; i < s->l1_size; i++) {
+		uint64_t l1e = s->l1[i], l2 = l1e & QCOW2_OFFSET_MASK, rc;
+		int dirty = 0;
+
+		if (!l2)
+			continue;
+		if (disk_rc(c, l2 >> s->cluster_bits, &rc) < 0)
+			continue;
+		if ((rc == 1) != !!(l1e & QCOW2_OFLAG_COPIED)) {
+			res->corruptions++;
+			fprintf(stderr, "%s OFLAG_COPIED L2 cluster: l1_index="
+				"%u l1_entry=%" PRIx64 " refcount=%" PRIu64
+				"\n", repair ? "Repairing" : "ERROR", i, l1e,
+				rc);
+			if (repair) {
+				s->l1[i] = rc == 1 ? l1e | QCOW2_OFLAG_COPIED :
+					   l1e & ~QCOW2_OFLAG_COPIED;
+				ret = write_l1_entry(c, i);
+				if (ret < 0) {
+					res->check_errors++;
+					goto out;
+				}
+				res->corruptions--;
+				res->corruptions_fixed++;
+			}
+		}
+		ret = bfile_pread(c->bs->file, l2, t, cs);
+		if (ret < 0) {
+			fprintf(stderr, "ERROR: Could not read L2 table: %s\n",
+				strerror(-ret));
+			res->check_errors++;
+			goto out;
+		}
+		for (unsigned j = 0; j < n; j++) {
+			uint8_t *p = t + (size_t)j * s->l2_esize;
+			uint64_t e = ld_be64(p);
+			int type = l2_type(s, e);
+
+			if (type != T_NORMAL && type != T_ZERO_ALLOC)
+				continue;
+			if (disk_rc(c, (e & QCOW2_OFFSET_MASK) >>
+				    s->cluster_bits, &rc) < 0)
+				continue;
+			if ((rc == 1) == !!(e & QCOW2_OFLAG_COPIED))
+				continue;
+			res->corruptions++;
+			fprintf(stderr, "%s OFLAG_COPIED data cluster: "
+				"l2_entry=%" PRIx64 " refcount=%" PRIu64 "\n",
+				repair ? "Repairing" : "ERROR", e, rc);
+			if (repair) {
+				st_be64(p, rc == 1 ? e | QCOW2_OFLAG_COPIED :
+					e & ~QCOW2_OFLAG_COPIED);
+				dirty++;
+			}
+		}
+		if (dirty) {
+			qcow2_cache_drop(&s->l2c, l2);
+			ret = bfile_pwrite(c->bs->file, l2, t, cs);
+			if (ret < 0) {
+				fprintf(stderr, "ERROR: Could not write L2 "
+					"table: %s\n", strerror(-ret));
+				res->check_errors++;
+				goto out;
+			}
+			res->corruptions -= dirty;
+			res->corruptions_fixed += dirty;
+		}
+	}
+	ret = 0;
+out:
+	free(t);
+	return ret;
+}
+
+/* ---- the check ---- */
+
+static bool bs_has_msg(const struct blk *bs)
+{
+	return bs->errmsg[0] != 0;
+}
+
+static int check_refcounts(struct ck *c, int fix)
+{
+	struct qcow2 *s = c->s;
+	struct check_result *res = c->res;
+	struct check_result pre;
+	uint64_t cs = s->cluster_size, highest = 0, nb;
+	int64_t size = bfile_size(c->bs->file);
+	int ret;
+
+	if (size < 0) {
+		res->check_errors++;
+		return (int)size;
+	}
+	nb = DIV_ROUND_UP((uint64_t)size, cs);
+	if (nb > CK_MAX_CLUSTERS) {
+		res->check_errors++;
+		return -EFBIG;
+	}
+	res->total_clusters = DIV_ROUND_UP(c->bs->size & ~511ULL, cs);
+	res->has_stats = true;
+	ret = ck_resize(c, nb);
+	if (ret < 0) {
+		res->check_errors++;
+		return ret;
+	}
+	ret = calculate(c, fix);
+	if (ret < 0)
+		return ret;
+	/* with a plain repair, the comparison runs again to fix */
+	pre = *res;
+	compare(c, 0, &highest);
+
+	if (c->rebuild && (fix & CHECK_FIX_ERRORS)) {
+		struct check_result old = *res, saved;
+		int fresh_leaks = 0;
+
+		fprintf(stderr, "Rebuilding refcount structure\n");
+		ret = rebuild(c);
+		if (ret < 0) {
+			c->report = bs_has_msg(c->bs);
+			res->check_errors++;
+			return ret;
+		}
+		res->corruptions = 0;
+		res->leaks = 0;
+		/* references again, now with the new table counted */
+		c->rebuild = false;
+		memset(c->rc, 0, c->rc_bytes);
+		ret = calculate(c, 0);
+		if (ret < 0)
+			return ret;
+		if (fix & CHECK_FIX_LEAKS) {
+			/* the old structure is leaked now: free it; leaks
+			 * that remain were made by the rebuild */
+			saved = *res;
+			memset(res, 0, sizeof(*res));
+			compare(c, CHECK_FIX_LEAKS, &highest);
+			if (c->rebuild)
+				fprintf(stderr, "ERROR rebuilt refcount "
+					"structure is still broken\n");
+			fresh_leaks = res->leaks;
+			*res = saved;
+		}
+		if (res->corruptions < old.corruptions)
+			res->corruptions_fixed += old.corruptions -
+						  res->corruptions;
+		if (res->leaks < old.leaks)
+			res->leaks_fixed += old.leaks - res->leaks;
+		res->leaks += fresh_leaks;
+	} else if (fix) {
+		if (c->rebuild) {
+			fprintf(stderr, "ERROR need to rebuild refcount "
+				"structures\n");
+			res->check_errors++;
+			return -EIO;
+		}
+		if (res->leaks || res->corruptions) {
+			*res = pre;
+			compare(c, fix, &highest);
+		}
+	}
+	if (fix) {
+		ret = qcow2_cache_flush_all(c->bs);
+		if (ret < 0) {
+			res->check_errors++;
+			return ret;
+		}
+	}
+	ret = check_copied(c, fix);
+	if (ret < 0)
+		return ret;
+	res->image_end_offset = (highest + 1) * cs;
+	return 0;
+}
+
+/* Clears the dirty and corrupt bits of an image found consistent. */
+static int mark_clean(struct blk *bs)
+{
+	struct qcow2 *s = qcow2_state(bs);
+	uint64_t bits = QCOW2_INCOMPAT_DIRTY | QCOW2_INCOMPAT_CORRUPT;
+	uint8_t b[8];
+	int ret;
+
+	if (!(s->incompat & bits) || s->version < 3)
+		return 0;
+	ret = qcow2_cache_flush_all(bs);
+	if (!ret)
+		ret = bfile_flush(bs->file);
+	if (ret < 0)
+		return ret;
+	st_be64(b, s->incompat & ~bits);
+	ret = qcow2_write_header_field(bs, QH_INCOMPAT, b, 8);
+	if (!ret)
+		ret = bfile_flush(bs->file);
+	if (ret < 0)
+		return ret;
+	s->incompat &= ~bits;
+	return 0;
+}
+
+int qcow2_check(struct blk *bs, struct check_result *res, int fix)
+{
+	struct qcow2 *s = qcow2_state(bs);
+	struct ck c = { .bs = bs, .s = s, .res = res };
+	int ret;
+
+	if (!(bs->flags & BLK_O_RDWR) || s->read_only)
+		fix = 0;
+	bs->errmsg[0] = 0;
+	if (fix) {
+		/* the check reads metadata from the file itself */
+		ret = qcow2_cache_flush_all(bs);
+		if (ret < 0)
+			return ret;
+	}
+	ret = check_refcounts(&c, fix);
+	free(c.rc);
+	/* only the messages of a failed rebuild are worth showing; others
+	 * are left over from calls whose failure the check counted */
+	if (ret >= 0 || !c.report)
+		bs->errmsg[0] = 0;
+	if (ret < 0)
+		goto out;
+	if (fix && !res->check_errors && !res->corruptions)
+		ret = mark_clean(bs);
+out:
+	if (fix) {
+		int r = qcow2_cache_flush_all(bs);
+		if (!ret && r < 0)
+			ret = r;
+	}
+	return ret;
+}
