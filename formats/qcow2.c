@@ -1065,12 +1065,15 @@ int qcow2_measure(const struct optlist *opts, struct blk *in, uint64_t size,
 int qcow2_change_backing(struct blk *bs, const char *file, const char *fmt,
 			 struct err *e);
 int qcow2_make_empty(struct blk *bs);
+/* formats/qcow2_check.c */
+int qcow2_check(struct blk *bs, struct check_result *res, int fix);
 
 const struct blk_driver qcow2_driver = {
 	.name = "qcow2",
 	.caps = BLK_CAP_CREATE | BLK_CAP_WRITE | BLK_CAP_BACKING |
 		BLK_CAP_COMPRESS | BLK_CAP_ZERO_INIT | BLK_CAP_RESIZE |
-		BLK_CAP_SHRINK | BLK_CAP_ZERO_WRITES | BLK_CAP_MEASURE,
+		BLK_CAP_SHRINK | BLK_CAP_ZERO_WRITES | BLK_CAP_MEASURE |
+		BLK_CAP_CHECK,
 	.state_size = sizeof(struct qcow2),
 	.create_opts = qcow2_create_opts,
 	.probe = qcow2_probe,
@@ -1090,4 +1093,5 @@ const struct blk_driver qcow2_driver = {
 	.measure = qcow2_measure,
 	.change_backing = qcow2_change_backing,
 	.make_empty = qcow2_make_empty,
+	.check = qcow2_check,
 };
