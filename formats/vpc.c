@@ -511,8 +511,11 @@ static int vpc_create(const char *filename, const struct optlist *opts,
 		spt = 255;
 	} else {
 		/* The smallest geometry that holds the size, found by
-		 * asking for one more sector at a time. */
-		for (uint64_t i = 0; sectors > (uint64_t)c * h * spt; i++)
+		 * asking for one more sector at a time (a cylinder is at
+		 * most 16 * 255 sectors, so this ends soon), or the
+		 * largest one. */
+		for (uint64_t i = 0; sectors > (uint64_t)c * h * spt &&
+		     (uint64_t)c * h * spt != VHD_MAX_GEOMETRY; i++)
 			vpc_geometry(sectors + i, &c, &h, &spt);
 		if ((uint64_t)c * h * spt != VHD_MAX_GEOMETRY)
 			sectors = (uint64_t)c * h * spt;
