@@ -330,6 +330,8 @@ static int read_desc(struct bfile *f, uint64_t off, char **out,
 		err_set(e, "Could not access file: %s", strerror((int)-size));
 		return (int)size;
 	}
+	/* qemu sees files in whole sectors: only an empty one is small */
+	size = (int64_t)ALIGN_UP((uint64_t)size, SECTOR);
 	if (size < 4) {
 		err_set(e, "File is too small, not a valid image");
 		return -EINVAL;
@@ -462,8 +464,8 @@ static int open_sparse(struct blk *bs, struct bfile *f, bool own,
 		return -EFBIG;
 	}
 	if (cap > MAX_CAPACITY) {
-		err_set(e, "Invalid capacity %" PRIu64 " in '%s'", cap,
-			f->name);
+		err_set(e, "Could not refresh total sector count: %s",
+			strerror(EFBIG));
 		return -EFBIG;
 	}
 	entry = (uint64_t)ngtes * gran;
