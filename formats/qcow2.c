@@ -1067,13 +1067,20 @@ int qcow2_change_backing(struct blk *bs, const char *file, const char *fmt,
 int qcow2_make_empty(struct blk *bs);
 /* formats/qcow2_check.c */
 int qcow2_check(struct blk *bs, struct check_result *res, int fix);
+/* formats/qcow2_snapshot.c */
+int qcow2_snapshot_create(struct blk *bs, const struct snapshot_info *sn,
+			  struct err *e);
+int qcow2_snapshot_apply(struct blk *bs, const char *id_or_name,
+			 struct err *e);
+int qcow2_snapshot_delete(struct blk *bs, const char *id, const char *name,
+			  struct err *e);
 
 const struct blk_driver qcow2_driver = {
 	.name = "qcow2",
 	.caps = BLK_CAP_CREATE | BLK_CAP_WRITE | BLK_CAP_BACKING |
 		BLK_CAP_COMPRESS | BLK_CAP_ZERO_INIT | BLK_CAP_RESIZE |
 		BLK_CAP_SHRINK | BLK_CAP_ZERO_WRITES | BLK_CAP_MEASURE |
-		BLK_CAP_CHECK,
+		BLK_CAP_SNAPSHOTS | BLK_CAP_CHECK,
 	.state_size = sizeof(struct qcow2),
 	.create_opts = qcow2_create_opts,
 	.probe = qcow2_probe,
@@ -1090,6 +1097,9 @@ const struct blk_driver qcow2_driver = {
 	.create = qcow2_create,
 	.get_info = qcow2_get_info,
 	.snapshot_list = qcow2_snapshot_list,
+	.snapshot_create = qcow2_snapshot_create,
+	.snapshot_apply = qcow2_snapshot_apply,
+	.snapshot_delete = qcow2_snapshot_delete,
 	.measure = qcow2_measure,
 	.change_backing = qcow2_change_backing,
 	.make_empty = qcow2_make_empty,
