@@ -81,20 +81,43 @@ static void progress_print(struct cmp *c, uint64_t delta)
 	}
 }
 
-static bool all_zero(const uint8_t *p, size_t n)
+/* Word-at-a-time checks (musl's memcmp goes byte by byte). Buffers come
+ * from blk_alloc_buf and pieces start at 512-byte multiples, so the words
+ * are aligned; a tail shorter than a word is compared bytewise. */
+typedef uint64_t __attribute__((may_alias)) word_t;
+
+static bool block_zero(const uint8_t *p, size_t n)
 {
-	/* p[0] == 0 and every byte equals its successor */
-	return !n || (!p[0] && !memcmp(p, p + 1, n - 1));
+	const word_t *w = (const word_t *)p;
+	size_t nw = n / 8;
+	uint64_t acc = 0;
+
+	for (size_t i = 0; i < nw; i++)
+		acc |= w[i];
+	for (size_t i = nw * 8; i < n; i++)
+		acc |= p[i];
+	return !acc;
+}
+
+static bool block_equal(const uint8_t *a, const uint8_t *b, size_t n)
+{
+	const word_t *x = (const word_t *)a, *y = (const word_t *)b;
+	size_t nw = n / 8;
+	uint64_t acc = 0;
+
+	for (size_t i = 0; i < nw; i++)
+		acc |= x[i] ^ y[i];
+	for (size_t i = nw * 8; i < n; i++)
+		acc |= (uint64_t)(a[i] ^ b[i]);
+	return !acc;
 }
 
 /* Offset (from buf) of the first 512-byte block that is not all zero, or
  * -1: qemu-img reports mismatches against zero in whole sectors. */
 static int64_t first_nonzero_block(const uint8_t *buf, size_t len)
 {
-	if (all_zero(buf, len))
-		return -1;
 	for (size_t i = 0; i < len; i += SECTOR)
-		if (!all_zero(buf + i, MIN(SECTOR, len - i)))
+		if (!block_zero(buf + i, MIN(SECTOR, len - i)))
 			return (int64_t)i;
 	return -1;
 }
@@ -103,16 +126,9 @@ static int64_t first_nonzero_block(const uint8_t *buf, size_t len)
 static int64_t first_diff_block(const uint8_t *a, const uint8_t *b,
 				size_t len)
 {
-	size_t step = 64 << 10;
-
-	for (size_t i = 0; i < len; i += step) {
-		size_t n = MIN(step, len - i);
-		if (!memcmp(a + i, b + i, n))
-			continue;
-		for (size_t j = i; j < i + n; j += SECTOR)
-			if (memcmp(a + j, b + j, MIN(SECTOR, i + n - j)))
-				return (int64_t)j;
-	}
+	for (size_t i = 0; i < len; i += SECTOR)
+		if (!block_equal(a + i, b + i, MIN(SECTOR, len - i)))
+			return (int64_t)i;
 	return -1;
 }
 
@@ -230,7 +246,7 @@ static void consume_one(struct cmp *c)
 	if (t->res == RES_READ_ERR) {
 		msg("Error while reading offset %llu of %s: %s",
 		    (unsigned long long)t->where, c->name[t->which],
-		    strerror(t->err));
+		    errno_str(t->err));
 		finish(c, 4);
 	}
 	progress_print(c, t->len);
@@ -319,7 +335,7 @@ static void open_one(struct cmp *c, int i, const char *fmt, unsigned flags,
 
 	if (ret < 0) {
 		msg("Could not open '%s': %s", c->name[i],
-		    e.msg[0] ? e.msg : strerror(-ret));
+		    e.msg[0] ? e.msg : errno_str(-ret));
 		finish(c, 2);
 	}
 }

@@ -112,7 +112,7 @@ int measure_main(int argc, char **argv)
 		    drv->name);
 	ret = drv->measure(&ol, in, size, &mi, &e);
 	if (ret < 0)
-		die("%s", e.msg[0] ? e.msg : strerror(-ret));
+		die("%s", e.msg[0] ? e.msg : errno_str(-ret));
 	if (json) {
 		struct val *o = val_obj();
 		if (!o)

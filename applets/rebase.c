@@ -120,7 +120,7 @@ static void merge_piece(struct blk *bs, struct blk *old, struct blk *new,
 			if (ret < 0)
 				fail(bs, "Error while writing to COW image: %s",
 				     bs->errmsg[0] ? bs->errmsg :
-				     strerror(-ret));
+				     errno_str(-ret));
 		}
 		i = j;
 	}
@@ -148,7 +148,7 @@ static void merge(struct blk *bs, struct blk *old, struct blk *new)
 		st = blk_block_status(bs, off, n, &n, &map, &mf);
 		if (st < 0)
 			fail(bs, "error while reading image metadata: %s",
-			     strerror(-st));
+			     errno_str(-st));
 		if (st & BLK_STAT_ALLOCATED)
 			continue;
 		merge_piece(bs, old, new, off, n, bo, bn);
@@ -206,7 +206,7 @@ int rebase_main(int argc, char **argv)
 		       (HAS(U) ? BLK_O_SHARE : 0), cache, &e);
 	if (ret < 0)
 		fail(NULL, "Could not open '%s': %s", filename,
-		     e.msg[0] ? e.msg : strerror(-ret));
+		     e.msg[0] ? e.msg : errno_str(-ret));
 	warn_probed_raw(bs);
 	if (bfmt && !blk_find_driver(bfmt))
 		fail(bs, "Invalid format name: '%s'", bfmt);
@@ -230,7 +230,7 @@ int rebase_main(int argc, char **argv)
 		ret = blk_flush(bs);
 		if (ret < 0)
 			fail(bs, "Error while writing to COW image: %s",
-			     strerror(-ret));
+			     errno_str(-ret));
 	}
 
 	/* Everything that differs is in the top now: switch. */
@@ -251,7 +251,7 @@ int rebase_main(int argc, char **argv)
 		    "format must be specified", base);
 	else if (ret < 0)
 		msg("Could not change the backing file to '%s': %s",
-		    base ? base : "", strerror(-ret));
+		    base ? base : "", errno_str(-ret));
 	progress_print(100, 0);
 	if (progress.on)
 		printf("\n");
