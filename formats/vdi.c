@@ -291,6 +291,8 @@ static int vdi_pwrite(struct blk *bs, uint64_t off, const void *buf,
 		entry = s->bmap[idx];
 		if (entry >= VDI_FIRST_FREE)
 			ret = vdi_allocate(bs, idx, in, p, n);
+		else if (entry >= s->blocks)
+			ret = -EIO;	/* corrupt map: check reports it */
 		else
 			ret = bfile_pwrite(bs->file, vdi_host(s, entry) + in,
 					   p, n);
