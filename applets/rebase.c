@@ -67,6 +67,22 @@ static void fail(struct blk *bs, const char *fmt, ...)
 	die_exit(1);
 }
 
+/* Word-at-a-time equality (musl's memcmp goes byte by byte); buffers are
+ * aligned and compared from 512-byte multiples. */
+typedef uint64_t __attribute__((may_alias)) word_t;
+
+static bool equal(const uint8_t *a, const uint8_t *b, uint64_t n)
+{
+	const word_t *x = (const word_t *)a, *y = (const word_t *)b;
+	uint64_t acc = 0, nw = n / 8;
+
+	for (uint64_t i = 0; i < nw; i++)
+		acc |= x[i] ^ y[i];
+	for (uint64_t i = nw * 8; i < n; i++)
+		acc |= (uint64_t)(a[i] ^ b[i]);
+	return !acc;
+}
+
 /* Reads [off, off+len) of img, zeroes past its end (or without img).
  * Returns 1 if everything read is zero because of that, 0, or -errno. */
 static int read_view(struct blk *img, uint64_t off, uint8_t *buf,
@@ -100,18 +116,17 @@ static void merge_piece(struct blk *bs, struct blk *old, struct blk *new,
 	ret = read_view(new, off, bn, len);
 	if (ret < 0)
 		fail(bs, "error while reading from new backing file");
-	if (!memcmp(bo, bn, len))
+	if (equal(bo, bn, len))
 		return;
 	while (i < len) {
 		uint64_t j = i;
-		bool diff = memcmp(bo + i, bn + i, MIN(SECTOR, len - i)) != 0;
+		bool diff = !equal(bo + i, bn + i, MIN(SECTOR, len - i));
 
 		/* a run of sectors that all differ, or all match */
 		do
 			j += MIN(SECTOR, len - j);
 		while (j < len &&
-		       (memcmp(bo + j, bn + j, MIN(SECTOR, len - j)) != 0) ==
-		       diff);
+		       !equal(bo + j, bn + j, MIN(SECTOR, len - j)) == diff);
 		if (diff) {
 			if (old_zero)
 				ret = blk_pwrite_zeroes(bs, off + i, j - i, 0);
