@@ -1,0 +1,935 @@
+/* vhdx.c - Microsoft VHDX (MS-VHDX v1.0): a file identifier, two headers
+ * and two region tables protected by CRC-32C, a metadata region (block
+ * size, disk size, sector sizes) and the block allocation table (BAT) in
+ * which a sector-bitmap entry follows every chunk_ratio payload entries.
+ * The log is replayed by vhdx_log.c before anything else is read. */
+//config:config FORMAT_VHDX
+//config:	bool "vhdx"
+//config:	default y
+//config:	help
+//config:	  Microsoft Hyper-V VHDX images, dynamic and fixed: read,
+//config:	  write, create, log replay and check. Differencing images
+//config:	  (with a parent) are refused, as qemu-img does.
+//format:FORMAT(vhdx)
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <time.h>
+#include "blk_driver.h"
+#include "vhdx.h"
+
+static const struct optdesc vhdx_create_opts[] = {
+	{ "size", OPT_SIZE, "Virtual disk size; max of 64TB.", NULL, false },
+	{ "log_size", OPT_SIZE, "Log size; min 1MB.", "1048576", false },
+	{ "block_size", OPT_SIZE, "Block Size; min 1MB, max 256MB. 0 means "
+	  "auto-calculate based on image size.", "0", false },
+	{ "subformat", OPT_STRING, "VHDX format type, can be either "
+	  "'dynamic' or 'fixed'. Default is 'dynamic'.", NULL, false },
+	{ "block_state_zero", OPT_BOOL, "Force use of payload blocks of type "
+	  "'ZERO'. Non-standard, but default.  Do not set to 'off' when "
+	  "using 'qemu-img convert' with subformat=dynamic.", NULL, false },
+	{ "preallocation", OPT_STRING,
+	  "Preallocation mode (allowed values: off, falloc, full)", NULL,
+	  true },
+	{ "nocow", OPT_BOOL, "Turn off copy-on-write (valid only on btrfs)",
+	  NULL, true },
+	{ "extent_size_hint", OPT_SIZE,
+	  "Extent size hint for the image file, 0 to disable", NULL, true },
+	{ NULL, 0, NULL, NULL, false }
+};
+
+/* MS-VHDX 2.2.2 / 2.2.3 GUIDs, in their on-disk byte order. */
+const uint8_t vhdx_guid_bat[16] = {
+	0x66, 0x77, 0xc2, 0x2d, 0x23, 0xf6, 0x00, 0x42,
+	0x9d, 0x64, 0x11, 0x5e, 0x9b, 0xfd, 0x4a, 0x08 };
+const uint8_t vhdx_guid_metadata[16] = {
+	0x06, 0xa2, 0x7c, 0x8b, 0x90, 0x47, 0x9a, 0x4b,
+	0xb8, 0xfe, 0x57, 0x5f, 0x05, 0x0f, 0x88, 0x6e };
+static const uint8_t guid_file_params[16] = {
+	0x37, 0x67, 0xa1, 0xca, 0x36, 0xfa, 0x43, 0x4d,
+	0xb3, 0xb6, 0x33, 0xf0, 0xaa, 0x44, 0xe7, 0x6b };
+static const uint8_t guid_disk_size[16] = {
+	0x24, 0x42, 0xa5, 0x2f, 0x1b, 0xcd, 0x76, 0x48,
+	0xb2, 0x11, 0x5d, 0xbe, 0xd8, 0x3b, 0xf4, 0xb8 };
+static const uint8_t guid_page83[16] = {
+	0xab, 0x12, 0xca, 0xbe, 0xe6, 0xb2, 0x23, 0x45,
+	0x93, 0xef, 0xc3, 0x09, 0xe0, 0x00, 0xc7, 0x46 };
+static const uint8_t guid_logical_sector[16] = {
+	0x1d, 0xbf, 0x41, 0x81, 0x6f, 0xa9, 0x09, 0x47,
+	0xba, 0x47, 0xf2, 0x33, 0xa8, 0xfa, 0xab, 0x5f };
+static const uint8_t guid_physical_sector[16] = {
+	0xc7, 0x48, 0xa3, 0xcd, 0x5d, 0x44, 0x71, 0x44,
+	0x9c, 0xc9, 0xe9, 0x88, 0x52, 0x51, 0xc5, 0x56 };
+static const uint8_t guid_parent_locator[16] = {
+	0x2d, 0x5f, 0xd3, 0xa8, 0x0b, 0xb3, 0x4d, 0x45,
+	0xab, 0xf7, 0xd3, 0xd8, 0x48, 0x34, 0xab, 0x0c };
+
+/* CRC-32C (Castagnoli), reflected, as MS-VHDX requires for headers,
+ * region tables and log entries. */
+uint32_t vhdx_crc32c(uint32_t crc, const void *buf, size_t len)
+{
+	static uint32_t table[256];
+	static int ready;
+	const uint8_t *p = buf;
+
+	if (!__atomic_load_n(&ready, __ATOMIC_ACQUIRE)) {
+		for (uint32_t i = 0; i < 256; i++) {
+			uint32_t c = i;
+			for (int k = 0; k < 8; k++)
+				c = c & 1 ? (c >> 1) ^ 0x82f63b78u : c >> 1;
+			table[i] = c;
+		}
+		__atomic_store_n(&ready, 1, __ATOMIC_RELEASE);
+	}
+	crc = ~crc;
+	while (len--)
+		crc = table[(crc ^ *p++) & 0xff] ^ (crc >> 8);
+	return ~crc;
+}
+
+/* CRC of a structure whose checksum field at csum_off counts as zero. */
+uint32_t vhdx_checksum(const uint8_t *buf, size_t len, size_t csum_off)
+{
+	static const uint8_t zero[4];
+	uint32_t c = vhdx_crc32c(0, buf, csum_off);
+
+	c = vhdx_crc32c(c, zero, 4);
+	return vhdx_crc32c(c, buf + csum_off + 4, len - csum_off - 4);
+}
+
+void vhdx_guid_random(uint8_t *g)
+{
+	size_t got = 0;
+
+	while (got < 16) {
+		ssize_t n = getrandom(g + got, 16 - got, 0);
+		if (n <= 0) {
+			/* no entropy source: time and address are unique
+			 * enough for a write GUID */
+			uint64_t t = (uint64_t)time(NULL) ^ (uintptr_t)g;
+			for (; got < 16; got++, t = t * 6364136223846793005ULL + 1)
+				g[got] = (uint8_t)(t >> 56);
+			break;
+		}
+		got += (size_t)n;
+	}
+	g[7] = (uint8_t)((g[7] & 0x0f) | 0x40);	/* version 4 */
+	g[8] = (uint8_t)((g[8] & 0x3f) | 0x80);	/* variant */
+}
+
+static bool guid_eq(const uint8_t *a, const uint8_t *b)
+{
+	return !memcmp(a, b, 16);
+}
+
+static int vhdx_probe(const uint8_t *buf, size_t len, const char *filename)
+{
+	(void)filename;
+	if (len >= 8 && !memcmp(buf, "vhdxfile", 8))
+		return 100;
+	return 0;
+}
+
+/* A header is valid when its signature, checksum and version are. */
+static bool header_valid(const uint8_t *h)
+{
+	return !memcmp(h, "head", 4) &&
+	       ld_le32(h + 4) == vhdx_checksum(h, VHDX_HEADER_SIZE, 4) &&
+	       ld_le16(h + 66) == 1;
+}
+
+static int vhdx_read_headers(struct blk *bs, struct err *e)
+{
+	struct vhdx *s = bs->opaque;
+	uint8_t *h1 = s->hdr[0], *h2 = s->hdr[1];
+	bool v1, v2;
+	int ret;
+
+	ret = bfile_pread(bs->file, VHDX_HEADER1_OFF, h1, VHDX_HEADER_SIZE);
+	if (ret == 0)
+		ret = bfile_pread(bs->file, VHDX_HEADER2_OFF, h2,
+				  VHDX_HEADER_SIZE);
+	if (ret < 0) {
+		err_set(e, "Could not read VHDX headers: %s", strerror(-ret));
+		return ret;
+	}
+	v1 = header_valid(h1);
+	v2 = header_valid(h2);
+	if (v1 && v2) {
+		uint64_t s1 = ld_le64(h1 + 8), s2 = ld_le64(h2 + 8);
+		if (s1 > s2)
+			s->cur = 0;
+		else if (s2 > s1)
+			s->cur = 1;
+		else if (!memcmp(h1, h2, VHDX_HEADER_SIZE))
+			s->cur = 0;	/* identical copies (some tools) */
+		else
+			v1 = v2 = false;
+	} else if (v1) {
+		s->cur = 0;
+	} else if (v2) {
+		s->cur = 1;
+	}
+	if (!v1 && !v2) {
+		err_set(e, "No valid VHDX header found");
+		return -EINVAL;
+	}
+	return 0;
+}
+
+/* Regions must lie past the 1 MiB header area, be 1 MiB aligned and not
+ * overlap each other. */
+static int vhdx_read_regions(struct blk *bs, struct err *e)
+{
+	struct vhdx *s = bs->opaque;
+	uint8_t *rt = malloc(VHDX_REGION_SIZE);
+	uint64_t starts[VHDX_MAX_ENTRIES], ends[VHDX_MAX_ENTRIES];
+	uint32_t n;
+	bool have_bat = false, have_meta = false;
+	int ret;
+
+	if (!rt)
+		return -ENOMEM;
+	ret = bfile_pread(bs->file, VHDX_REGION1_OFF, rt, VHDX_REGION_SIZE);
+	if (ret < 0) {
+		err_set(e, "Could not read region table: %s", strerror(-ret));
+		goto out;
+	}
+	ret = -EINVAL;
+	if (memcmp(rt, "regi", 4) ||
+	    ld_le32(rt + 4) != vhdx_checksum(rt, VHDX_REGION_SIZE, 4)) {
+		/* MS-VHDX: the second copy is only used during updates */
+		ret = bfile_pread(bs->file, VHDX_REGION2_OFF, rt,
+				  VHDX_REGION_SIZE);
+		if (ret < 0)
+			goto out;
+		ret = -EINVAL;
+		if (memcmp(rt, "regi", 4) ||
+		    ld_le32(rt + 4) != vhdx_checksum(rt, VHDX_REGION_SIZE,
+						     4)) {
+			err_set(e, "Could not read region table");
+			goto out;
+		}
+	}
+	n = ld_le32(rt + 8);
+	if (n > VHDX_MAX_ENTRIES) {
+		err_set(e, "Region table has too many entries");
+		goto out;
+	}
+	for (uint32_t i = 0; i < n; i++) {
+		const uint8_t *r = rt + 16 + i * 32;
+		uint64_t off = ld_le64(r + 16);
+		uint32_t len = ld_le32(r + 24), flags = ld_le32(r + 28);
+
+		if (!IS_ALIGNED(off, VHDX_MIB) || !IS_ALIGNED(len, VHDX_MIB) ||
+		    off < VHDX_MIB || off > UINT64_MAX - len) {
+			err_set(e, "Invalid region table entry");
+			goto out;
+		}
+		for (uint32_t k = 0; k < i; k++)
+			if (off < ends[k] && starts[k] < off + len) {
+				err_set(e, "Region table entries overlap");
+				goto out;
+			}
+		starts[i] = off;
+		ends[i] = off + len;
+		if (guid_eq(r, vhdx_guid_bat)) {
+			if (have_bat) {
+				err_set(e, "Duplicate BAT region");
+				goto out;
+			}
+			have_bat = true;
+			s->bat_off = off;
+			s->bat_len = len;
+		} else if (guid_eq(r, vhdx_guid_metadata)) {
+			if (have_meta) {
+				err_set(e, "Duplicate metadata region");
+				goto out;
+			}
+			have_meta = true;
+			s->meta_off = off;
+			s->meta_len = len;
+		} else if (flags & 1) {
+			err_set(e, "Unsupported required region in VHDX "
+				"region table");
+			ret = -ENOTSUP;
+			goto out;
+		}
+	}
+	if (!have_bat || !have_meta) {
+		err_set(e, "Missing BAT or metadata region in VHDX region "
+			"table");
+		goto out;
+	}
+	ret = 0;
+out:
+	free(rt);
+	return ret;
+}
+
+/* Reads one metadata item of exactly len bytes (or at least, for the
+ * parent locator) into out. */
+static int meta_item(struct blk *bs, const uint8_t *tab, uint32_t n,
+		     const uint8_t *guid, void *out, uint32_t len, bool *found)
+{
+	struct vhdx *s = bs->opaque;
+
+	*found = false;
+	for (uint32_t i = 0; i < n; i++) {
+		const uint8_t *m = tab + 32 + i * 32;
+		uint32_t off = ld_le32(m + 16), mlen = ld_le32(m + 20);
+
+		if (!guid_eq(m, guid))
+			continue;
+		if (mlen != len || off < VHDX_METADATA_TABLE_SIZE ||
+		    (uint64_t)off + mlen > s->meta_len)
+			return -EINVAL;
+		*found = true;
+		return bfile_pread(bs->file, s->meta_off + off, out, len);
+	}
+	return 0;
+}
+
+static int vhdx_read_metadata(struct blk *bs, struct err *e)
+{
+	struct vhdx *s = bs->opaque;
+	uint8_t *tab = malloc(VHDX_METADATA_TABLE_SIZE);
+	uint8_t fp[8], sz[8], ls[4], ps[4], p83[16];
+	bool f1, f2, f3, f4, f5;
+	uint32_t n;
+	int ret;
+
+	if (!tab)
+		return -ENOMEM;
+	if (s->meta_len < VHDX_METADATA_TABLE_SIZE) {
+		err_set(e, "Metadata region is too small");
+		ret = -EINVAL;
+		goto out;
+	}
+	ret = bfile_pread(bs->file, s->meta_off, tab,
+			  VHDX_METADATA_TABLE_SIZE);
+	if (ret < 0) {
+		err_set(e, "Could not read metadata: %s", strerror(-ret));
+		goto out;
+	}
+	ret = -EINVAL;
+	n = ld_le16(tab + 10);
+	if (memcmp(tab, "metadata", 8) || n > VHDX_MAX_ENTRIES) {
+		err_set(e, "Invalid VHDX metadata table");
+		goto out;
+	}
+	/* Unknown required items make the image unreadable (MS-VHDX
+	 * 2.6.1.2, IsRequired). */
+	for (uint32_t i = 0; i < n; i++) {
+		const uint8_t *m = tab + 32 + i * 32;
+		const uint8_t *known[] = { guid_file_params, guid_disk_size,
+			guid_page83, guid_logical_sector, guid_physical_sector,
+			guid_parent_locator };
+		bool k = false;
+
+		for (size_t j = 0; j < ARRAY_SIZE(known); j++)
+			k |= guid_eq(m, known[j]);
+		if (!k && (ld_le32(m + 24) & 4)) {
+			err_set(e, "Unsupported required metadata item in "
+				"VHDX image");
+			ret = -ENOTSUP;
+			goto out;
+		}
+	}
+	if (meta_item(bs, tab, n, guid_file_params, fp, 8, &f1) < 0 ||
+	    meta_item(bs, tab, n, guid_disk_size, sz, 8, &f2) < 0 ||
+	    meta_item(bs, tab, n, guid_page83, p83, 16, &f3) < 0 ||
+	    meta_item(bs, tab, n, guid_logical_sector, ls, 4, &f4) < 0 ||
+	    meta_item(bs, tab, n, guid_physical_sector, ps, 4, &f5) < 0) {
+		err_set(e, "Invalid VHDX metadata item");
+		goto out;
+	}
+	if (!f1 || !f2 || !f3 || !f4 || !f5) {
+		err_set(e, "Missing required VHDX metadata item");
+		goto out;
+	}
+	s->block_size = ld_le32(fp);
+	s->has_parent = (ld_le32(fp + 4) & 2) != 0;
+	s->disk_size = ld_le64(sz);
+	s->logical_sector = ld_le32(ls);
+	s->physical_sector = ld_le32(ps);
+	if (s->has_parent) {
+		err_set(e, "VHDX differencing images are not supported");
+		ret = -ENOTSUP;
+		goto out;
+	}
+	if (s->block_size < VHDX_MIB || s->block_size > VHDX_MAX_BLOCK ||
+	    (s->block_size & (s->block_size - 1))) {
+		err_set(e, "Invalid VHDX block size");
+		goto out;
+	}
+	if (s->logical_sector != 512 && s->logical_sector != 4096) {
+		err_set(e, "Invalid VHDX logical sector size");
+		goto out;
+	}
+	if (s->physical_sector != 512 && s->physical_sector != 4096) {
+		err_set(e, "Invalid VHDX physical sector size");
+		goto out;
+	}
+	if (s->disk_size > VHDX_MAX_SIZE ||
+	    !IS_ALIGNED(s->disk_size, s->logical_sector)) {
+		err_set(e, "Invalid VHDX virtual disk size");
+		goto out;
+	}
+	ret = 0;
+out:
+	free(tab);
+	return ret;
+}
+
+static int vhdx_read_bat(struct blk *bs, struct err *e)
+{
+	struct vhdx *s = bs->opaque;
+	uint64_t ratio = ((uint64_t)1 << 23) * s->logical_sector /
+			 s->block_size;
+	uint64_t blocks = DIV_ROUND_UP(s->disk_size, s->block_size);
+	int ret;
+
+	s->chunk_ratio = ratio;
+	s->blocks = blocks;
+	/* payload entries with a sector bitmap entry after each chunk */
+	s->bat_entries = blocks ? blocks + (blocks - 1) / ratio : 0;
+	if (s->bat_entries > s->bat_len / 8) {
+		err_set(e, "VHDX BAT region is too small for the disk size");
+		return -EINVAL;
+	}
+	if (s->bat_entries * 8 > VHDX_MAX_BAT_BYTES) {
+		err_set(e, "VHDX BAT is too large");
+		return -EFBIG;
+	}
+	s->bat = malloc(s->bat_entries ? s->bat_entries * 8 : 8);
+	if (!s->bat)
+		return -ENOMEM;
+	ret = bfile_pread(bs->file, s->bat_off, s->bat, s->bat_entries * 8);
+	if (ret < 0) {
+		err_set(e, "Could not read BAT: %s", strerror(-ret));
+		return ret;
+	}
+	for (uint64_t i = 0; i < s->bat_entries; i++)
+		s->bat[i] = ld_le64(&s->bat[i]);
+	return 0;
+}
+
+/* Writes the current header into the other slot with a new sequence
+ * number and fresh write GUIDs, twice, so both copies end up current
+ * (MS-VHDX 2.2.2.1: update the non-current header, then the other). */
+int vhdx_update_headers(struct blk *bs, bool clear_log)
+{
+	struct vhdx *s = bs->opaque;
+	uint8_t *h = s->hdr[s->cur];
+	int ret;
+
+	vhdx_guid_random(h + 16);	/* FileWriteGuid */
+	vhdx_guid_random(h + 32);	/* DataWriteGuid */
+	if (clear_log)
+		memset(h + 48, 0, 16);
+	for (int i = 0; i < 2; i++) {
+		int slot = !s->cur;
+		uint8_t *d = s->hdr[slot];
+
+		memcpy(d, h, VHDX_HEADER_SIZE);
+		st_le64(d + 8, ld_le64(h + 8) + 1);
+		st_le32(d + 4, vhdx_checksum(d, VHDX_HEADER_SIZE, 4));
+		ret = bfile_pwrite(bs->file, slot ? VHDX_HEADER2_OFF :
+				   VHDX_HEADER1_OFF, d, VHDX_HEADER_SIZE);
+		if (ret < 0)
+			return ret;
+		ret = bfile_flush(bs->file);
+		if (ret < 0)
+			return ret;
+		s->cur = slot;
+		h = d;
+	}
+	return 0;
+}
+
+static int vhdx_open(struct blk *bs, struct err *e)
+{
+	struct vhdx *s = bs->opaque;
+	uint8_t sig[8];
+	int64_t fsize = bfile_size(bs->file);
+	int ret;
+
+	if (fsize < 0) {
+		err_set(e, "Could not get the size of '%s': %s", bs->filename,
+			strerror((int)-fsize));
+		return (int)fsize;
+	}
+	s->file_size = (uint64_t)fsize;
+	ret = bfile_pread(bs->file, 0, sig, 8);
+	if (ret < 0)
+		return ret;
+	if (memcmp(sig, "vhdxfile", 8)) {
+		err_set(e, "Not a VHDX image");
+		return -EINVAL;
+	}
+	ret = vhdx_read_headers(bs, e);
+	if (ret < 0)
+		return ret;
+	ret = vhdx_read_regions(bs, e);
+	if (ret < 0)
+		return ret;
+	ret = vhdx_log_open(bs, e);
+	if (ret < 0)
+		return ret;
+	ret = vhdx_read_metadata(bs, e);
+	if (ret < 0)
+		return ret;
+	ret = vhdx_read_bat(bs, e);
+	if (ret < 0)
+		return ret;
+	bs->size = s->disk_size;
+	if (bs->flags & BLK_O_RDWR) {
+		ret = vhdx_update_headers(bs, false);
+		if (ret < 0) {
+			err_set(e, "Could not update VHDX headers: %s",
+				strerror(-ret));
+			return ret;
+		}
+	}
+	return 0;
+}
+
+static void vhdx_close(struct blk *bs)
+{
+	struct vhdx *s = bs->opaque;
+
+	free(s->bat);
+	s->bat = NULL;
+}
+
+static uint64_t bat_index(const struct vhdx *s, uint64_t block)
+{
+	return block + block / s->chunk_ratio;
+}
+
+/* Host offset of a fully present block; 0 if the block reads as zero;
+ * -errno for states a disk without parent cannot have. */
+static int vhdx_block(struct blk *bs, uint64_t block, uint64_t *host)
+{
+	struct vhdx *s = bs->opaque;
+	uint64_t e = s->bat[bat_index(s, block)], off = e & ~VHDX_MIB_MASK;
+
+	*host = 0;
+	switch (e & 7) {
+	case VHDX_BAT_NOT_PRESENT:
+	case VHDX_BAT_UNDEFINED:
+	case VHDX_BAT_ZERO:
+	case VHDX_BAT_UNMAPPED:
+		return 0;
+	case VHDX_BAT_FULLY_PRESENT:
+		if (!off || off > UINT64_MAX - s->block_size ||
+		    off + s->block_size > VHDX_MAX_FILE)
+			return -EINVAL;
+		*host = off;
+		return 0;
+	case VHDX_BAT_PARTIALLY_PRESENT:
+		return -ENOTSUP;
+	default:
+		return -EINVAL;
+	}
+}
+
+static int vhdx_pread(struct blk *bs, uint64_t off, void *buf, size_t len)
+{
+	struct vhdx *s = bs->opaque;
+	uint8_t *p = buf;
+
+	while (len) {
+		uint64_t block = off / s->block_size, in = off % s->block_size;
+		uint64_t n = MIN((uint64_t)len, s->block_size - in), host;
+		int ret = vhdx_block(bs, block, &host);
+
+		if (ret < 0)
+			return ret;
+		if (host)
+			ret = bfile_pread(bs->file, host + in, p, (size_t)n);
+		else
+			memset(p, 0, (size_t)n);
+		if (ret < 0)
+			return ret;
+		off += n;
+		p += n;
+		len -= (size_t)n;
+	}
+	return 0;
+}
+
+static int vhdx_set_bat(struct blk *bs, uint64_t block, uint64_t entry)
+{
+	struct vhdx *s = bs->opaque;
+	uint64_t i = bat_index(s, block);
+	uint8_t raw[8];
+
+	s->bat[i] = entry;
+	st_le64(raw, entry);
+	return bfile_pwrite(bs->file, s->bat_off + i * 8, raw, 8);
+}
+
+/* A new block goes to the end of the file, 1 MiB aligned; the file is
+ * extended first so that the block reads as zeroes around the data. */
+static int vhdx_alloc_block(struct blk *bs, uint64_t *host)
+{
+	struct vhdx *s = bs->opaque;
+	int64_t fsize = bfile_size(bs->file);
+	uint64_t off;
+	struct err e;
+
+	if (fsize < 0)
+		return (int)fsize;
+	off = ALIGN_UP((uint64_t)fsize, VHDX_MIB);
+	if (off > VHDX_MAX_FILE - s->block_size)
+		return -EFBIG;
+	*host = off;
+	return bfile_truncate(bs->file, off + s->block_size, PREALLOC_OFF, &e);
+}
+
+static int vhdx_pwrite(struct blk *bs, uint64_t off, const void *buf,
+		       size_t len)
+{
+	struct vhdx *s = bs->opaque;
+	const uint8_t *p = buf;
+
+	while (len) {
+		uint64_t block = off / s->block_size, in = off % s->block_size;
+		uint64_t n = MIN((uint64_t)len, s->block_size - in), host;
+		int ret = vhdx_block(bs, block, &host);
+
+		if (ret < 0)
+			return ret;
+		if (!host) {
+			ret = vhdx_alloc_block(bs, &host);
+			if (ret < 0)
+				return ret;
+			ret = bfile_pwrite(bs->file, host + in, p, (size_t)n);
+			if (ret < 0)
+				return ret;
+			/* data before the table entry that points to it */
+			ret = bfile_flush(bs->file);
+			if (ret == 0)
+				ret = vhdx_set_bat(bs, block, host |
+						   VHDX_BAT_FULLY_PRESENT);
+		} else {
+			ret = bfile_pwrite(bs->file, host + in, p, (size_t)n);
+		}
+		if (ret < 0)
+			return ret;
+		off += n;
+		p += n;
+		len -= (size_t)n;
+	}
+	return 0;
+}
+
+/* Blocks that are not present already read as zeroes (no parent). */
+static int vhdx_pwrite_zeroes(struct blk *bs, uint64_t off, uint64_t len,
+			      unsigned flags)
+{
+	struct vhdx *s = bs->opaque;
+
+	(void)flags;
+	while (len) {
+		uint64_t block = off / s->block_size, in = off % s->block_size;
+		uint64_t n = MIN(len, s->block_size - in), host;
+		int ret = vhdx_block(bs, block, &host);
+
+		if (ret < 0)
+			return ret;
+		if (host) {
+			ret = bfile_zero(bs->file, host + in, n, false);
+			if (ret < 0)
+				return ret;
+		}
+		off += n;
+		len -= n;
+	}
+	return 0;
+}
+
+static int vhdx_flush(struct blk *bs)
+{
+	return bfile_flush(bs->file);
+}
+
+static int vhdx_get_info(struct blk *bs, struct blk_info *bi)
+{
+	struct vhdx *s = bs->opaque;
+
+	bi->cluster_size = s->block_size;
+	return 0;
+}
+
+/* qemu-img check for VHDX: present blocks must lie inside the file and
+ * not overlap each other; a log replayed on open counts as a fixed
+ * corruption. */
+static int vhdx_check(struct blk *bs, struct check_result *res, int fix)
+{
+	struct vhdx *s = bs->opaque;
+	int64_t fsize = bfile_size(bs->file);
+	uint64_t *offs = NULL, n = 0;
+
+	(void)fix;
+	if (fsize < 0)
+		return (int)fsize;
+	if (s->log_replayed)
+		res->corruptions_fixed++;
+	offs = malloc((s->blocks ? s->blocks : 1) * sizeof(*offs));
+	if (!offs)
+		return -ENOMEM;
+	for (uint64_t b = 0; b < s->blocks; b++) {
+		uint64_t e = s->bat[bat_index(s, b)];
+		uint64_t off = e & ~VHDX_MIB_MASK;
+
+		if ((e & 7) != VHDX_BAT_FULLY_PRESENT &&
+		    (e & 7) != VHDX_BAT_PARTIALLY_PRESENT)
+			continue;
+		if (off > UINT64_MAX - s->block_size ||
+		    off + s->block_size > (uint64_t)fsize) {
+			printf("ERROR: VHDX BAT entry %llu start offset %llu "
+			       "points after end of file (%llu). Image has "
+			       "probably been truncated.\n",
+			       (unsigned long long)b, (unsigned long long)off,
+			       (unsigned long long)fsize);
+			res->corruptions++;
+			continue;
+		}
+		offs[n++] = off;
+	}
+	/* overlaps: sort the offsets and compare neighbours */
+	for (uint64_t i = 1; i < n; i++)
+		for (uint64_t j = i; j > 0 && offs[j - 1] > offs[j]; j--) {
+			uint64_t t = offs[j];
+			offs[j] = offs[j - 1];
+			offs[j - 1] = t;
+		}
+	for (uint64_t i = 1; i < n; i++)
+		if (offs[i] < offs[i - 1] + s->block_size)
+			res->corruptions++;
+	free(offs);
+	return 0;
+}
+
+/* ---- create ---- */
+
+static void put_meta_entry(uint8_t *tab, int i, const uint8_t *guid,
+			   uint32_t off, uint32_t len, uint32_t flags)
+{
+	uint8_t *m = tab + 32 + i * 32;
+
+	memcpy(m, guid, 16);
+	st_le32(m + 16, off);
+	st_le32(m + 20, len);
+	st_le32(m + 24, flags);
+}
+
+static int vhdx_create(const char *filename, const struct optlist *opts,
+		       struct err *e)
+{
+	uint64_t size = 0, log_size = VHDX_MIB, block_size = 0;
+	const char *sub = optlist_get(opts, "subformat");
+	bool fixed = false, bsz = true;
+	uint64_t blocks, ratio, bat_entries, bat_off, bat_len, meta_off;
+	uint64_t data_off, end;
+	uint8_t *buf = NULL;
+	struct bfile *f;
+	int ret;
+
+	/* QEMU creates the file first; refused options leave it empty. */
+	ret = bfile_open(&f, filename, BFILE_CREATE | BFILE_RDWR,
+			 CACHE_WRITEBACK, e);
+	if (ret < 0)
+		return ret;
+	ret = -EINVAL;
+	if (optlist_get_size(opts, "size", &size, e) < 0 ||
+	    optlist_get_size(opts, "log_size", &log_size, e) < 0 ||
+	    optlist_get_size(opts, "block_size", &block_size, e) < 0 ||
+	    optlist_get_bool(opts, "block_state_zero", &bsz, e) < 0)
+		goto out;
+	if (sub && !strcmp(sub, "fixed"))
+		fixed = true;
+	else if (sub && strcmp(sub, "dynamic")) {
+		err_set(e, "Parameter 'subformat' does not accept value '%s'",
+			sub);
+		goto out;
+	}
+	if (size > VHDX_MAX_SIZE) {
+		err_set(e, "Image size too large; max of 64TB");
+		goto out;
+	}
+	size = ALIGN_UP(size, 512);
+	if (log_size > UINT32_MAX)
+		log_size = UINT32_MAX;
+	log_size = ALIGN_UP(log_size, VHDX_MIB);
+	if (!log_size || log_size > UINT32_MAX) {
+		err_set(e, "Log size must be a multiple of 1 MB");
+		goto out;
+	}
+	if (!block_size) {
+		if (size > 32ULL << 40)
+			block_size = 64 * VHDX_MIB;
+		else if (size > 100ULL << 30)
+			block_size = 32 * VHDX_MIB;
+		else if (size > 1ULL << 30)
+			block_size = 16 * VHDX_MIB;
+		else
+			block_size = 8 * VHDX_MIB;
+	}
+	if (block_size > VHDX_MAX_BLOCK)
+		block_size = VHDX_MAX_BLOCK;
+	block_size = ALIGN_UP(block_size, VHDX_MIB);
+	if (block_size & (block_size - 1)) {
+		err_set(e, "Block size must be a power of two");
+		goto out;
+	}
+	(void)bsz;	/* new blocks are NOT_PRESENT, which reads as zero */
+
+	blocks = DIV_ROUND_UP(size, block_size);
+	ratio = (1ULL << 23) * 512 / block_size;
+	bat_entries = blocks ? blocks + (blocks - 1) / ratio : 0;
+	bat_off = VHDX_MIB + log_size;
+	bat_len = ALIGN_UP(MAX(bat_entries * 8, 1), VHDX_MIB);
+	meta_off = bat_off + bat_len;
+	data_off = meta_off + VHDX_MIB;
+	end = fixed ? data_off + blocks * block_size : data_off;
+	if (bat_entries * 8 > VHDX_MAX_BAT_BYTES || bat_len > UINT32_MAX) {
+		err_set(e, "Image size too large");
+		ret = -EFBIG;
+		goto out;
+	}
+	buf = calloc(1, VHDX_REGION_SIZE);
+	if (!buf) {
+		ret = -ENOMEM;
+		goto out;
+	}
+	ret = bfile_truncate(f, end, PREALLOC_OFF, e);
+	if (ret < 0)
+		goto out;
+
+	/* file type identifier: signature and UTF-16 creator */
+	{
+		const char *creator = "imgbox";
+		memcpy(buf, "vhdxfile", 8);
+		for (size_t i = 0; creator[i]; i++)
+			st_le16(buf + 8 + 2 * i, (uint16_t)creator[i]);
+		ret = bfile_pwrite(f, 0, buf, 512);
+		if (ret < 0)
+			goto werr;
+	}
+	/* headers: sequence 0 and 1, no log */
+	for (int i = 0; i < 2; i++) {
+		uint8_t *h = buf;
+
+		memset(h, 0, VHDX_HEADER_SIZE);
+		memcpy(h, "head", 4);
+		st_le64(h + 8, (uint64_t)i);
+		vhdx_guid_random(h + 16);
+		vhdx_guid_random(h + 32);
+		st_le16(h + 64, 0);
+		st_le16(h + 66, 1);
+		st_le32(h + 68, (uint32_t)log_size);
+		st_le64(h + 72, VHDX_MIB);
+		st_le32(h + 4, vhdx_checksum(h, VHDX_HEADER_SIZE, 4));
+		ret = bfile_pwrite(f, i ? VHDX_HEADER2_OFF : VHDX_HEADER1_OFF,
+				   h, VHDX_HEADER_SIZE);
+		if (ret < 0)
+			goto werr;
+	}
+	/* region tables (both copies identical) */
+	memset(buf, 0, VHDX_REGION_SIZE);
+	memcpy(buf, "regi", 4);
+	st_le32(buf + 8, 2);
+	memcpy(buf + 16, vhdx_guid_bat, 16);
+	st_le64(buf + 32, bat_off);
+	st_le32(buf + 40, (uint32_t)bat_len);
+	st_le32(buf + 44, 1);	/* required */
+	memcpy(buf + 48, vhdx_guid_metadata, 16);
+	st_le64(buf + 64, meta_off);
+	st_le32(buf + 72, VHDX_MIB);
+	st_le32(buf + 76, 1);
+	st_le32(buf + 4, vhdx_checksum(buf, VHDX_REGION_SIZE, 4));
+	ret = bfile_pwrite(f, VHDX_REGION1_OFF, buf, VHDX_REGION_SIZE);
+	if (ret == 0)
+		ret = bfile_pwrite(f, VHDX_REGION2_OFF, buf, VHDX_REGION_SIZE);
+	if (ret < 0)
+		goto werr;
+	/* metadata table and items */
+	memset(buf, 0, VHDX_REGION_SIZE);
+	memcpy(buf, "metadata", 8);
+	st_le16(buf + 10, 5);
+	put_meta_entry(buf, 0, guid_file_params, 0x10000, 8, 4);
+	put_meta_entry(buf, 1, guid_disk_size, 0x10008, 8, 6);
+	put_meta_entry(buf, 2, guid_page83, 0x10010, 16, 6);
+	put_meta_entry(buf, 3, guid_logical_sector, 0x10020, 4, 6);
+	put_meta_entry(buf, 4, guid_physical_sector, 0x10024, 4, 6);
+	ret = bfile_pwrite(f, meta_off, buf, VHDX_METADATA_TABLE_SIZE);
+	if (ret < 0)
+		goto werr;
+	memset(buf, 0, 64);
+	st_le32(buf, (uint32_t)block_size);
+	st_le32(buf + 4, 0);		/* leave allocated: 0, no parent */
+	st_le64(buf + 8, size);
+	vhdx_guid_random(buf + 16);
+	st_le32(buf + 32, 512);
+	st_le32(buf + 36, 512);
+	ret = bfile_pwrite(f, meta_off + 0x10000, buf, 40);
+	if (ret < 0)
+		goto werr;
+	/* BAT: fixed images map every block in order */
+	if (fixed && blocks) {
+		uint64_t chunk = VHDX_REGION_SIZE / 8, i = 0, b = 0;
+
+		while (i < bat_entries) {
+			uint64_t k = 0;
+
+			memset(buf, 0, VHDX_REGION_SIZE);
+			for (; k < chunk && i < bat_entries; k++, i++) {
+				if ((i + 1) % (ratio + 1) == 0)
+					continue;	/* bitmap entry */
+				st_le64(buf + k * 8, (data_off +
+					b * block_size) |
+					VHDX_BAT_FULLY_PRESENT);
+				b++;
+			}
+			ret = bfile_pwrite(f, bat_off + (i - k) * 8, buf,
+					   (size_t)(k * 8));
+			if (ret < 0)
+				goto werr;
+		}
+	}
+	ret = bfile_flush(f);
+	if (ret < 0)
+		goto werr;
+	goto out;
+werr:
+	err_set(e, "Could not write the image: %s", strerror(-ret));
+out:
+	free(buf);
+	bfile_close(f);
+	return ret;
+}
+
+const struct blk_driver vhdx_driver = {
+	.name = "vhdx",
+	.caps = BLK_CAP_CREATE | BLK_CAP_WRITE | BLK_CAP_ZERO_INIT |
+		BLK_CAP_CHECK,
+	.state_size = sizeof(struct vhdx),
+	.create_opts = vhdx_create_opts,
+	.probe = vhdx_probe,
+	.open = vhdx_open,
+	.close = vhdx_close,
+	.pread = vhdx_pread,
+	.pwrite = vhdx_pwrite,
+	.pwrite_zeroes = vhdx_pwrite_zeroes,
+	.flush = vhdx_flush,
+	.create = vhdx_create,
+	.get_info = vhdx_get_info,
+	.check = vhdx_check,
+};
