@@ -126,7 +126,7 @@ int check_main(int argc, char **argv)
 		die("--image-opts is not supported");
 
 	/* A plain check never opens the image for writing. */
-	bs = open_image(filename, fmt, BLK_O_CHECK | BLK_O_NO_BACKING |
+	bs = open_image(filename, fmt, BLK_O_CHECK |
 			(fix ? BLK_O_RDWR : 0) | (HAS(U) ? BLK_O_SHARE : 0),
 			cache);
 	ret = run_check(bs, &r, fix);

@@ -17,6 +17,7 @@
 //format:PART(qcow2)
 
 #include <errno.h>
+#include <stdarg.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -33,6 +34,14 @@
 #define CK_BME_RESERVED		0xff000000000001feULL
 #define CK_L2_BITMAP_ALLOC	0xffffffffULL
 
+/* Header extensions that reference clusters: the encryption header and
+ * the bitmap directory. */
+struct ck_ext {
+	uint64_t crypt_off, crypt_len;
+	uint32_t nb_bitmaps;
+	uint64_t bmdir_off, bmdir_size;
+};
+
 struct ck {
 	struct blk *bs;
 	struct qcow2 *s;
@@ -42,6 +51,9 @@ struct ck {
 	uint64_t rc_bytes;	/* allocated bytes of rc (whole clusters) */
 	bool rebuild;
 	bool report;		/* bs->errmsg says why the repair stopped */
+	bool signaled;		/* the corruption message was printed */
+	struct ck_ext ext;
+	uint64_t sn_size;	/* bytes of the snapshot table */
 };
 
 /* ---- the computed refcount array ---- */
@@ -158,6 +170,109 @@ static int ck_ref(struct ck *c, uint64_t off, uint64_t size)
 	return 0;
 }
 
+/* Metadata found where it must not be: said once per check, as qemu
+ * does; an image open for writing gets its corrupt bit set (qcow2.txt,
+ * incompatible feature bit 1), so that nothing else writes to it. */
+static void signal_corruption(struct ck *c, const char *fmt, ...)
+	PRINTF(2, 3);
+static void signal_corruption(struct ck *c, const char *fmt, ...)
+{
+	struct qcow2 *s = c->s;
+	char what[200];
+	uint8_t b[8];
+	va_list ap;
+
+	if (c->signaled)
+		return;
+	c->signaled = true;
+	va_start(ap, fmt);
+	vsnprintf(what, sizeof(what), fmt, ap);
+	va_end(ap);
+	if (s->read_only) {
+		fprintf(stderr, "qcow2: Image is corrupt: %s; further non-fatal "
+			"corruption events will be suppressed\n", what);
+		return;
+	}
+	fprintf(stderr, "qcow2: Marking image as corrupt: %s; further "
+		"corruption events will be suppressed\n", what);
+	if (s->version < 3)
+		return;
+	st_be64(b, s->incompat | QCOW2_INCOMPAT_CORRUPT);
+	if (qcow2_write_header_field(c->bs, QH_INCOMPAT, b, 8) == 0 &&
+	    bfile_flush(c->bs->file) == 0)
+		s->incompat |= QCOW2_INCOMPAT_CORRUPT;
+}
+
+/* ---- overlap check before every repair write ---- */
+
+enum {
+	OL_HEADER = 0x1, OL_ACTIVE_L1 = 0x2, OL_ACTIVE_L2 = 0x4,
+	OL_RT = 0x8, OL_RB = 0x10, OL_SN_TABLE = 0x20, OL_INACTIVE_L1 = 0x40,
+	OL_BITMAP_DIR = 0x100,
+};
+
+static bool overlaps(uint64_t a, uint64_t alen, uint64_t b, uint64_t blen)
+{
+	return alen && blen && a < b + blen && b < a + alen;
+}
+
+/* Name of the metadata (other than the kinds in ign) that a write of
+ * [off, off+len), widened to whole clusters, would overwrite; NULL if
+ * none. Inactive L2 tables are not looked at (too costly, as in qemu's
+ * default mode). */
+static const char *overlap_name(struct ck *c, unsigned ign, uint64_t off,
+				uint64_t len)
+{
+	struct qcow2 *s = c->s;
+	uint64_t cs = s->cluster_size, mask = QCOW2_RT_OFFSET_MASK;
+
+	len = ALIGN_UP((off & (cs - 1)) + len, cs);
+	off &= ~(cs - 1);
+	if (!(ign & OL_HEADER) && off < cs)
+		return "qcow2_header";
+	if (!(ign & OL_ACTIVE_L1) &&
+	    overlaps(off, len, s->l1_offset, (uint64_t)s->l1_size * 8))
+		return "active L1 table";
+	if (!(ign & OL_ACTIVE_L2))
+		for (uint32_t i = 0; i < s->l1_size; i++) {
+			uint64_t l2 = s->l1[i] & QCOW2_OFFSET_MASK;
+			if (l2 && overlaps(off, len, l2, cs))
+				return "active L2 table";
+		}
+	if (!(ign & OL_RT) && overlaps(off, len, s->rt_offset, s->rt_size * 8))
+		return "refcount table";
+	if (!(ign & OL_RB))
+		for (uint64_t i = 0; i < s->rt_size; i++)
+			if ((s->rt[i] & mask) &&
+			    overlaps(off, len, s->rt[i] & mask, cs))
+				return "refcount block";
+	if (!(ign & OL_SN_TABLE) &&
+	    overlaps(off, len, s->snapshots_offset, c->sn_size))
+		return "snapshot table";
+	if (!(ign & OL_INACTIVE_L1))
+		for (uint32_t i = 0; i < s->nb_snapshots; i++)
+			if (overlaps(off, len, s->sn[i].l1_offset,
+				     (uint64_t)s->sn[i].l1_size * 8))
+				return "inactive L1 table";
+	if (!(ign & OL_BITMAP_DIR) && c->ext.nb_bitmaps &&
+	    overlaps(off, len, c->ext.bmdir_off, c->ext.bmdir_size))
+		return "bitmap directory";
+	return NULL;
+}
+
+/* 0, or -EIO after signalling the corruption the write would cause. */
+static int overlap_check(struct ck *c, unsigned ign, uint64_t off,
+			 uint64_t len)
+{
+	const char *what = overlap_name(c, ign, off, len);
+
+	if (!what)
+		return 0;
+	signal_corruption(c, "Preventing invalid write on metadata (overlaps "
+			  "with %s)", what);
+	return -EIO;
+}
+
 /* Refcount of cluster ci as the image records it. */
 static int disk_rc(struct ck *c, uint64_t ci, uint64_t *rc)
 {
@@ -172,8 +287,11 @@ static int disk_rc(struct ck *c, uint64_t ci, uint64_t *rc)
 	off = s->rt[bi] & QCOW2_RT_OFFSET_MASK;
 	if (!off)
 		return 0;
-	if (off & (s->cluster_size - 1))
+	if (off & (s->cluster_size - 1)) {
+		signal_corruption(c, "Refblock offset %#" PRIx64 " unaligned "
+				  "(reftable index: %#" PRIx64 ")", off, bi);
 		return -EIO;
+	}
 	ret = qcow2_cache_get(c->bs, &s->rbc, off, false, &b);
 	if (ret < 0)
 		return ret;
@@ -197,10 +315,11 @@ static int l2_type(const struct qcow2 *s, uint64_t e)
 /* A preallocated cluster at a misaligned offset holds no data: the entry
  * becomes a plain zero cluster. */
 static int fix_entry_by_zero(struct ck *c, uint64_t l2_off, uint8_t *t,
-			     unsigned i)
+			     unsigned i, bool active, bool *overlap)
 {
 	struct qcow2 *s = c->s;
 	uint8_t *p = t + (size_t)i * s->l2_esize;
+	uint64_t at = l2_off + (uint64_t)i * s->l2_esize;
 	int ret;
 
 	if (s->ext_l2) {
@@ -209,9 +328,16 @@ static int fix_entry_by_zero(struct ck *c, uint64_t l2_off, uint8_t *t,
 	} else {
 		st_be64(p, QCOW2_OFLAG_ZERO);
 	}
+	/* an inactive table must not land on an active one either */
+	ret = overlap_check(c, active ? OL_ACTIVE_L2 : 0, at, s->l2_esize);
+	*overlap = ret < 0;
+	if (ret < 0) {
+		fprintf(stderr, "ERROR: Overlap check failed\n");
+		c->res->check_errors++;
+		return ret;
+	}
 	qcow2_cache_drop(&s->l2c, l2_off);
-	ret = bfile_pwrite(c->bs->file, l2_off + (uint64_t)i * s->l2_esize,
-			   p, s->l2_esize);
+	ret = bfile_pwrite(c->bs->file, at, p, s->l2_esize);
 	if (!ret)
 		ret = bfile_flush(c->bs->file);
 	if (ret < 0) {
@@ -225,7 +351,8 @@ static int fix_entry_by_zero(struct ck *c, uint64_t l2_off, uint8_t *t,
 	return 0;
 }
 
-static int check_l2(struct ck *c, uint64_t l2_off, bool stats, int fix)
+static int check_l2(struct ck *c, uint64_t l2_off, bool stats, int fix,
+		    bool active)
 {
 	struct qcow2 *s = c->s;
 	struct check_result *res = c->res;
@@ -309,10 +436,20 @@ static int check_l2(struct ck *c, uint64_t l2_off, bool stats, int fix)
 						"corrupted.\n",
 						fix & CHECK_FIX_ERRORS ?
 						"Repairing" : "ERROR", off);
-					if ((fix & CHECK_FIX_ERRORS) &&
-					    !fix_entry_by_zero(c, l2_off, t,
-							       i))
-						continue;
+					if (fix & CHECK_FIX_ERRORS) {
+						bool ol;
+						ret = fix_entry_by_zero(c,
+							l2_off, t, i, active,
+							&ol);
+						if (ol) {
+							/* stop: this table is
+							 * not what it seems */
+							ret = -EIO;
+							goto out;
+						}
+						if (!ret)
+							continue;
+					}
 				}
 			}
 			if (stats) {
@@ -344,7 +481,7 @@ out:
 }
 
 static int check_l1(struct ck *c, uint64_t l1_off, uint32_t l1_size,
-		    bool stats, int fix)
+		    bool stats, int fix, bool active)
 {
 	struct qcow2 *s = c->s;
 	struct check_result *res = c->res;
@@ -387,7 +524,7 @@ static int check_l1(struct ck *c, uint64_t l1_off, uint32_t l1_size,
 				l2);
 			res->corruptions++;
 		}
-		ret = check_l2(c, l2, stats, fix);
+		ret = check_l2(c, l2, stats, fix, active);
 		if (ret < 0)
 			goto out;
 	}
@@ -420,14 +557,6 @@ static int snapshot_table_size(struct ck *c, uint64_t *size)
 	*size = end - s->snapshots_offset;
 	return 0;
 }
-
-/* Header extensions that reference clusters: the encryption header and
- * the bitmap directory. */
-struct ck_ext {
-	uint64_t crypt_off, crypt_len;
-	uint32_t nb_bitmaps;
-	uint64_t bmdir_off, bmdir_size;
-};
 
 static int read_exts(struct ck *c, struct ck_ext *x)
 {
@@ -599,12 +728,16 @@ static int check_refblocks(struct ck *c, int fix)
 				continue;
 			/* the block becomes the zeroed last cluster */
 			ret = -EINVAL;
-			if (off > INT64_MAX - cs || ci + 1 > CK_MAX_CLUSTERS)
+			if (off > INT64_MAX - cs)
 				goto resize_fail;
 			ret = bfile_truncate(c->bs->file, off + cs,
 					     PREALLOC_OFF, &e);
-			if (ret < 0)
+			if (ret < 0) {
+				/* the file layer's message, as qemu-img
+				 * reports it */
+				fprintf(stderr, "qemu-img: %s\n", e.msg);
 				goto resize_fail;
+			}
 			size = bfile_size(c->bs->file);
 			ret = size < 0 ? (int)size : 0;
 			if (ret < 0)
@@ -645,14 +778,19 @@ resize_fail:
 static int calculate(struct ck *c, int fix)
 {
 	struct qcow2 *s = c->s;
-	uint64_t sn_size = 0;
-	struct ck_ext x;
 	int ret;
 
+	ret = snapshot_table_size(c, &c->sn_size);
+	if (!ret)
+		ret = read_exts(c, &c->ext);
+	if (ret < 0) {
+		c->res->check_errors++;
+		return ret;
+	}
 	ret = ck_ref(c, 0, s->cluster_size);
 	if (ret < 0)
 		return ret;
-	ret = check_l1(c, s->l1_offset, s->l1_size, true, fix);
+	ret = check_l1(c, s->l1_offset, s->l1_size, true, fix, true);
 	if (ret < 0)
 		return ret;
 	for (uint32_t i = 0; i < s->nb_snapshots; i++) {
@@ -674,32 +812,23 @@ static int calculate(struct ck *c, int fix)
 			c->res->corruptions++;
 			continue;
 		}
-		ret = check_l1(c, sn->l1_offset, sn->l1_size, false, fix);
+		ret = check_l1(c, sn->l1_offset, sn->l1_size, false, fix,
+			       false);
 		if (ret < 0)
 			return ret;
 	}
-	ret = snapshot_table_size(c, &sn_size);
-	if (ret < 0) {
-		c->res->check_errors++;
-		return ret;
-	}
-	ret = ck_ref(c, s->snapshots_offset, sn_size);
+	ret = ck_ref(c, s->snapshots_offset, c->sn_size);
 	if (ret < 0)
 		return ret;
 	ret = ck_ref(c, s->rt_offset, s->rt_size * 8);
 	if (ret < 0)
 		return ret;
-	ret = read_exts(c, &x);
-	if (ret < 0) {
-		c->res->check_errors++;
-		return ret;
-	}
-	if (x.crypt_len) {
-		ret = ck_ref(c, x.crypt_off, x.crypt_len);
+	if (c->ext.crypt_len) {
+		ret = ck_ref(c, c->ext.crypt_off, c->ext.crypt_len);
 		if (ret < 0)
 			return ret;
 	}
-	ret = check_bitmaps(c, &x);
+	ret = check_bitmaps(c, &c->ext);
 	if (ret < 0)
 		return ret;
 	return check_refblocks(c, fix);
@@ -848,7 +977,10 @@ static int write_refblocks(struct ck *c, uint64_t first, uint64_t end,
 			rt[bi] = boff;
 		}
 		/* the block is the slice of the array it describes */
-		ret = bfile_pwrite(c->bs->file, boff, c->rc + bi * cs, cs);
+		ret = overlap_check(c, 0, boff, cs);
+		if (!ret)
+			ret = bfile_pwrite(c->bs->file, boff, c->rc + bi * cs,
+					   cs);
 		if (ret < 0)
 			return qcow2_set_errmsg(c->bs, ret, "ERROR writing "
 						"refblock: %s",
@@ -903,7 +1035,9 @@ static int rebuild(struct ck *c)
 	}
 	for (uint64_t i = 0; i < n; i++)
 		st_be64(buf + i * 8, rt[i]);
-	ret = bfile_pwrite(bs->file, (uint64_t)rt_off, buf, len);
+	ret = overlap_check(c, 0, (uint64_t)rt_off, len);
+	if (!ret)
+		ret = bfile_pwrite(bs->file, (uint64_t)rt_off, buf, len);
 	if (ret < 0) {
 		qcow2_set_errmsg(bs, ret, "ERROR writing reftable: %s",
 				 strerror(-ret));
@@ -945,6 +1079,11 @@ static int write_l1_entry(struct ck *c, uint32_t i)
 {
 	uint8_t b[8];
 
+	int ret = overlap_check(c, OL_ACTIVE_L1, c->s->l1_offset +
+				(uint64_t)i * 8, 8);
+
+	if (ret < 0)
+		return ret;
 	st_be64(b, c->s->l1[i]);
 	return bfile_pwrite(c->bs->file, c->s->l1_offset + (uint64_t)i * 8,
 			    b, 8);
@@ -1030,6 +1169,14 @@ static int check_copied(struct ck *c, int fix)
 			}
 		}
 		if (dirty) {
+			ret = overlap_check(c, OL_ACTIVE_L2, l2, cs);
+			if (ret < 0) {
+				fprintf(stderr, "ERROR: Could not write L2 "
+					"table; metadata overlap check failed: "
+					"%s\n", strerror(-ret));
+				res->check_errors++;
+				goto out;
+			}
 			qcow2_cache_drop(&s->l2c, l2);
 			ret = bfile_pwrite(c->bs->file, l2, t, cs);
 			if (ret < 0) {
