@@ -260,13 +260,13 @@ int rebase_main(int argc, char **argv)
 					      NULL, &e);
 	if (ret == -ENOSPC)
 		msg("Could not change the backing file to '%s': No space left "
-		    "in the file header", base ? base : "");
+		    "in the file header", base ? base : "(null)");
 	else if (ret == -EINVAL && base && base[0] && !bfmt)
 		msg("Could not change the backing file to '%s': backing "
 		    "format must be specified", base);
 	else if (ret < 0)
 		msg("Could not change the backing file to '%s': %s",
-		    base ? base : "", errno_str(-ret));
+		    base ? base : "(null)", errno_str(-ret));
 	progress_print(100, 0);
 	if (progress.on)
 		printf("\n");
