@@ -1322,11 +1322,46 @@ static int mark_clean(struct blk *bs)
 	return 0;
 }
 
+/* From qcow2_snapshot.c when it is built: rewrites the snapshot table
+ * with complete entries. */
+int qcow2_snapshot_table_upgrade(struct blk *bs) __attribute__((weak));
+
+/* Version 3 snapshot table entries must carry at least the 64-bit VM
+ * state size and the disk size (16 bytes of extra data). Returns how
+ * many do not. */
+static int check_sn_extra(struct ck *c, int fix)
+{
+	struct qcow2 *s = c->s;
+	uint64_t off = s->snapshots_offset;
+	uint8_t h[40];
+	int bad = 0, ret;
+
+	if (s->version < 3)
+		return 0;
+	for (uint32_t i = 0; i < s->nb_snapshots; i++) {
+		off = ALIGN_UP(off, 8);
+		if (off - s->snapshots_offset > QCOW2_MAX_SN_TABLE)
+			break;
+		ret = bfile_pread(c->bs->file, off, h, sizeof(h));
+		if (ret < 0)
+			return ret;
+		if (ld_be32(h + 36) < 16) {
+			fprintf(stderr, "%s snapshot table entry %u is "
+				"incomplete\n", fix & CHECK_FIX_ERRORS ?
+				"Repairing" : "ERROR", i);
+			bad++;
+		}
+		off += 40 + (uint64_t)ld_be32(h + 36) + ld_be16(h + 12) +
+		       ld_be16(h + 14);
+	}
+	return bad;
+}
+
 int qcow2_check(struct blk *bs, struct check_result *res, int fix)
 {
 	struct qcow2 *s = qcow2_state(bs);
 	struct ck c = { .bs = bs, .s = s, .res = res };
-	int ret;
+	int ret, sn_bad;
 
 	if (!(bs->flags & BLK_O_RDWR) || s->read_only)
 		fix = 0;
@@ -1337,8 +1372,28 @@ int qcow2_check(struct blk *bs, struct check_result *res, int fix)
 		if (ret < 0)
 			return ret;
 	}
+	sn_bad = check_sn_extra(&c, fix);
+	if (sn_bad < 0) {
+		res->check_errors++;
+		return sn_bad;
+	}
 	ret = check_refcounts(&c, fix);
 	free(c.rc);
+	if (!ret && sn_bad && (fix & CHECK_FIX_ERRORS) &&
+	    qcow2_snapshot_table_upgrade) {
+		ret = qcow2_cache_flush_all(bs);
+		if (!ret)
+			ret = qcow2_snapshot_table_upgrade(bs);
+		if (ret < 0) {
+			fprintf(stderr, "ERROR failed to update the snapshot "
+				"table: %s\n", strerror(-ret));
+			res->check_errors++;
+		} else {
+			res->corruptions_fixed += sn_bad;
+			sn_bad = 0;
+		}
+	}
+	res->corruptions += sn_bad;
 	/* only the messages of a failed rebuild are worth showing; others
 	 * are left over from calls whose failure the check counted */
 	if (ret >= 0 || !c.report)
