@@ -61,6 +61,54 @@ static void validate_opts(const struct optlist *ol,
 	}
 }
 
+/* -l: "snapshot.id=ID,snapshot.name=NAME" or an ID or NAME. */
+static void parse_snapshot_arg(const char *arg, struct optlist *sn)
+{
+	struct err e = { "" };
+
+	if (strncmp(arg, "snapshot.", 9))
+		return;
+	if (optlist_parse(sn, arg, &e) < 0) {
+		msg("%s", e.msg);
+		die("Failed in parsing snapshot param '%s'", arg);
+	}
+	for (int i = 0; i < sn->n; i++)
+		if (strcmp(sn->v[i].name, "snapshot.id") &&
+		    strcmp(sn->v[i].name, "snapshot.name")) {
+			msg("Invalid parameter '%s'", sn->v[i].name);
+			die("Failed in parsing snapshot param '%s'", arg);
+		}
+}
+
+static void load_snapshot(struct blk *in, const char *arg)
+{
+	struct optlist sn = { 0 };
+	struct err e = { "" };
+	const char *id, *name;
+	int ret;
+
+	parse_snapshot_arg(arg, &sn);
+	id = sn.n ? optlist_get(&sn, "snapshot.id") : arg;
+	name = sn.n ? optlist_get(&sn, "snapshot.name") : NULL;
+	if (!in->drv->snapshot_load_tmp)
+		die("Failed to load snapshot: Block format '%s' used by device "
+		    "'' does not support temporarily loading internal "
+		    "snapshots", in->drv->name);
+	if (!id && !name)
+		die("Failed to load snapshot: snapshot_id and snapshot_name "
+		    "are both NULL");
+	ret = in->drv->snapshot_load_tmp(in, id, name, &e);
+	if (!sn.n && (ret == -ENOENT || ret == -EINVAL)) {
+		/* a plain argument is tried as an ID, then as a name */
+		e.msg[0] = 0;
+		ret = in->drv->snapshot_load_tmp(in, NULL, arg, &e);
+	}
+	if (ret < 0)
+		die("Failed to load snapshot: %s",
+		    e.msg[0] ? e.msg : errno_str(-ret));
+	optlist_free(&sn);
+}
+
 int measure_main(int argc, char **argv)
 {
 	int i = opts_parse(argc, argv), json, ret;
@@ -73,24 +121,30 @@ int measure_main(int argc, char **argv)
 	uint64_t size = 0;
 
 	json = parse_output_format(HAS(output) ? ARG(output) : NULL);
+	if (HAS(l)) {
+		struct optlist sn = { 0 };
+		parse_snapshot_arg(ARG(l), &sn);
+		optlist_free(&sn);
+	}
 	if (HAS(size))
 		size = cli_size(ARG(size), "image size");
-	if (HAS(image_opts))
-		die("--image-opts is not supported");
 	if (argc - i > 1)
 		die("At most one filename argument is allowed.");
 	if (i < argc)
 		filename = argv[i];
+	if (!filename && (HAS(f) || HAS(l) || HAS(image_opts)))
+		die("--image-opts, -f, and -l require a filename argument.");
 	if (filename && HAS(size))
 		die("--size N cannot be used together with a filename.");
 	if (!filename && !HAS(size))
 		die("Either --size N or one filename must be specified.");
+	if (HAS(image_opts))
+		die("--image-opts is not supported");
 	if (filename) {
 		in = open_image(filename, HAS(f) ? ARG(f) : NULL,
 				HAS(U) ? BLK_O_SHARE : 0, CACHE_WRITEBACK);
 		if (HAS(l))
-			die("Failed to load snapshot: snapshots are not "
-			    "supported by measure");
+			load_snapshot(in, ARG(l));
 	}
 	drv = blk_find_driver(out_fmt);
 	if (!drv)

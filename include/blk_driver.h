@@ -78,12 +78,20 @@ struct blk_driver {
 			      const char *fmt, struct err *e);
 	int (*amend)(struct blk *bs, const struct optlist *opts, bool force,
 		     struct err *e);
+	/* Options amend accepts (NULL-name terminated), for -o help and
+	 * validation; create_opts not in it are creation-only. */
+	const struct optdesc *amend_opts;
 	/* in may be NULL (measure --size). */
 	int (*measure)(const struct optlist *opts, struct blk *in,
 		       uint64_t size, struct measure_info *mi, struct err *e);
 	/* Optional: every range becomes unallocated, so reads go to the
 	 * backing file (img-commit empties the committed image). */
 	int (*make_empty)(struct blk *bs);
+	/* Optional, read-only images: read the internal snapshot matching
+	 * id and/or name instead of the image until it is closed; -ENOENT
+	 * when none matches (img-measure -l). */
+	int (*snapshot_load_tmp)(struct blk *bs, const char *id,
+				 const char *name, struct err *e);
 	/* Options recognised by create_opts printed on the Formatting line
 	 * (qemu-img create). NULL: the generic printer. */
 
