@@ -1065,6 +1065,9 @@ int qcow2_measure(const struct optlist *opts, struct blk *in, uint64_t size,
 int qcow2_change_backing(struct blk *bs, const char *file, const char *fmt,
 			 struct err *e);
 int qcow2_make_empty(struct blk *bs);
+/* formats/qcow2_snapload.c */
+int qcow2_snapshot_load_tmp(struct blk *bs, const char *id, const char *name,
+			    struct err *e);
 /* formats/qcow2_check.c */
 int qcow2_check(struct blk *bs, struct check_result *res, int fix);
 /* formats/qcow2_snapshot.c */
@@ -1103,5 +1106,6 @@ const struct blk_driver qcow2_driver = {
 	.measure = qcow2_measure,
 	.change_backing = qcow2_change_backing,
 	.make_empty = qcow2_make_empty,
+	.snapshot_load_tmp = qcow2_snapshot_load_tmp,
 	.check = qcow2_check,
 };
