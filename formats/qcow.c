@@ -78,7 +78,7 @@ static bool qcow_range_ok(uint64_t off, uint64_t len)
 	return off <= (uint64_t)INT64_MAX && len <= (uint64_t)INT64_MAX - off;
 }
 
-static int qcow_open(struct blk *bs, struct err *e)
+static int qcow_do_open(struct blk *bs, struct err *e)
 {
 	struct qcow *s = bs->opaque;
 	uint8_t h[QCOW_HDR_SIZE];
@@ -207,6 +207,16 @@ static void qcow_close(struct blk *bs)
 	free(s->cbuf);
 	s->l2 = NULL;
 	s->zbuf = s->cbuf = NULL;
+}
+
+/* The block layer does not call close after a failed open. */
+static int qcow_open(struct blk *bs, struct err *e)
+{
+	int ret = qcow_do_open(bs, e);
+
+	if (ret < 0)
+		qcow_close(bs);
+	return ret;
 }
 
 static int qcow_read_l1(struct blk *bs, uint64_t i, uint64_t *v)

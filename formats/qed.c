@@ -177,7 +177,7 @@ static int qed_write_header(struct blk *bs)
 static int qed_check_impl(struct blk *bs, struct check_result *res,
 			  int fix);
 
-static int qed_open(struct blk *bs, struct err *e)
+static int qed_do_open(struct blk *bs, struct err *e)
 {
 	struct qed *s = bs->opaque;
 	uint8_t h[QED_HDR_SIZE];
@@ -327,6 +327,16 @@ static void qed_close(struct blk *bs)
 	free(s->l1);
 	free(s->l2);
 	s->l1 = s->l2 = NULL;
+}
+
+/* The block layer does not call close after a failed open. */
+static int qed_open(struct blk *bs, struct err *e)
+{
+	int ret = qed_do_open(bs, e);
+
+	if (ret < 0)
+		qed_close(bs);
+	return ret;
 }
 
 /* Loads the L2 table at off into the cache. */

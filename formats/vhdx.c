@@ -120,6 +120,14 @@ void vhdx_guid_random(uint8_t *g)
 	g[8] = (uint8_t)((g[8] & 0x3f) | 0x80);	/* variant */
 }
 
+/* Most malformed structures get no message of their own in QEMU, only
+ * its block layer's generic "Could not open 'FILE': strerror". */
+int vhdx_fail(struct blk *bs, struct err *e, int ret)
+{
+	err_set(e, "Could not open '%s': %s", bs->filename, strerror(-ret));
+	return ret;
+}
+
 static bool guid_eq(const uint8_t *a, const uint8_t *b)
 {
 	return !memcmp(a, b, 16);
@@ -177,6 +185,9 @@ static int vhdx_read_headers(struct blk *bs, struct err *e)
 		err_set(e, "No valid VHDX header found");
 		return -EINVAL;
 	}
+	/* only log version 0 exists */
+	if (ld_le16(s->hdr[s->cur] + 64) != 0)
+		return vhdx_fail(bs, e, -EINVAL);
 	return 0;
 }
 
@@ -201,22 +212,13 @@ static int vhdx_read_regions(struct blk *bs, struct err *e)
 	ret = -EINVAL;
 	if (memcmp(rt, "regi", 4) ||
 	    ld_le32(rt + 4) != vhdx_checksum(rt, VHDX_REGION_SIZE, 4)) {
-		/* MS-VHDX: the second copy is only used during updates */
-		ret = bfile_pread(bs->file, VHDX_REGION2_OFF, rt,
-				  VHDX_REGION_SIZE);
-		if (ret < 0)
-			goto out;
-		ret = -EINVAL;
-		if (memcmp(rt, "regi", 4) ||
-		    ld_le32(rt + 4) != vhdx_checksum(rt, VHDX_REGION_SIZE,
-						     4)) {
-			err_set(e, "Could not read region table");
-			goto out;
-		}
+		/* like QEMU, the second copy is not consulted */
+		vhdx_fail(bs, e, -EINVAL);
+		goto out;
 	}
 	n = ld_le32(rt + 8);
 	if (n > VHDX_MAX_ENTRIES) {
-		err_set(e, "Region table has too many entries");
+		vhdx_fail(bs, e, -EINVAL);
 		goto out;
 	}
 	for (uint32_t i = 0; i < n; i++) {
@@ -226,19 +228,19 @@ static int vhdx_read_regions(struct blk *bs, struct err *e)
 
 		if (!IS_ALIGNED(off, VHDX_MIB) || !IS_ALIGNED(len, VHDX_MIB) ||
 		    off < VHDX_MIB || off > UINT64_MAX - len) {
-			err_set(e, "Invalid region table entry");
+			vhdx_fail(bs, e, -EINVAL);
 			goto out;
 		}
 		for (uint32_t k = 0; k < i; k++)
 			if (off < ends[k] && starts[k] < off + len) {
-				err_set(e, "Region table entries overlap");
+				vhdx_fail(bs, e, -EINVAL);
 				goto out;
 			}
 		starts[i] = off;
 		ends[i] = off + len;
 		if (guid_eq(r, vhdx_guid_bat)) {
 			if (have_bat) {
-				err_set(e, "Duplicate BAT region");
+				vhdx_fail(bs, e, -EINVAL);
 				goto out;
 			}
 			have_bat = true;
@@ -246,22 +248,19 @@ static int vhdx_read_regions(struct blk *bs, struct err *e)
 			s->bat_len = len;
 		} else if (guid_eq(r, vhdx_guid_metadata)) {
 			if (have_meta) {
-				err_set(e, "Duplicate metadata region");
+				vhdx_fail(bs, e, -EINVAL);
 				goto out;
 			}
 			have_meta = true;
 			s->meta_off = off;
 			s->meta_len = len;
 		} else if (flags & 1) {
-			err_set(e, "Unsupported required region in VHDX "
-				"region table");
-			ret = -ENOTSUP;
+			ret = vhdx_fail(bs, e, -ENOTSUP);
 			goto out;
 		}
 	}
 	if (!have_bat || !have_meta) {
-		err_set(e, "Missing BAT or metadata region in VHDX region "
-			"table");
+		vhdx_fail(bs, e, -EINVAL);
 		goto out;
 	}
 	ret = 0;
@@ -270,8 +269,7 @@ out:
 	return ret;
 }
 
-/* Reads one metadata item of exactly len bytes (or at least, for the
- * parent locator) into out. */
+/* Reads the first len bytes of one metadata item into out. */
 static int meta_item(struct blk *bs, const uint8_t *tab, uint32_t n,
 		     const uint8_t *guid, void *out, uint32_t len, bool *found)
 {
@@ -284,8 +282,10 @@ static int meta_item(struct blk *bs, const uint8_t *tab, uint32_t n,
 
 		if (!guid_eq(m, guid))
 			continue;
-		if (mlen != len || off < VHDX_METADATA_TABLE_SIZE ||
-		    (uint64_t)off + mlen > s->meta_len)
+		/* QEMU reads the field whatever length the entry claims */
+		(void)mlen;
+		if (off < VHDX_METADATA_TABLE_SIZE ||
+		    (uint64_t)off + len > s->meta_len)
 			return -EINVAL;
 		*found = true;
 		return bfile_pread(bs->file, s->meta_off + off, out, len);
@@ -305,7 +305,7 @@ static int vhdx_read_metadata(struct blk *bs, struct err *e)
 	if (!tab)
 		return -ENOMEM;
 	if (s->meta_len < VHDX_METADATA_TABLE_SIZE) {
-		err_set(e, "Metadata region is too small");
+		vhdx_fail(bs, e, -EINVAL);
 		ret = -EINVAL;
 		goto out;
 	}
@@ -318,7 +318,7 @@ static int vhdx_read_metadata(struct blk *bs, struct err *e)
 	ret = -EINVAL;
 	n = ld_le16(tab + 10);
 	if (memcmp(tab, "metadata", 8) || n > VHDX_MAX_ENTRIES) {
-		err_set(e, "Invalid VHDX metadata table");
+		vhdx_fail(bs, e, -EINVAL);
 		goto out;
 	}
 	/* Unknown required items make the image unreadable (MS-VHDX
@@ -333,9 +333,7 @@ static int vhdx_read_metadata(struct blk *bs, struct err *e)
 		for (size_t j = 0; j < ARRAY_SIZE(known); j++)
 			k |= guid_eq(m, known[j]);
 		if (!k && (ld_le32(m + 24) & 4)) {
-			err_set(e, "Unsupported required metadata item in "
-				"VHDX image");
-			ret = -ENOTSUP;
+			ret = vhdx_fail(bs, e, -ENOTSUP);
 			goto out;
 		}
 	}
@@ -344,11 +342,11 @@ static int vhdx_read_metadata(struct blk *bs, struct err *e)
 	    meta_item(bs, tab, n, guid_page83, p83, 16, &f3) < 0 ||
 	    meta_item(bs, tab, n, guid_logical_sector, ls, 4, &f4) < 0 ||
 	    meta_item(bs, tab, n, guid_physical_sector, ps, 4, &f5) < 0) {
-		err_set(e, "Invalid VHDX metadata item");
+		vhdx_fail(bs, e, -EINVAL);
 		goto out;
 	}
 	if (!f1 || !f2 || !f3 || !f4 || !f5) {
-		err_set(e, "Missing required VHDX metadata item");
+		ret = vhdx_fail(bs, e, -ENOTSUP);
 		goto out;
 	}
 	s->block_size = ld_le32(fp);
@@ -357,26 +355,27 @@ static int vhdx_read_metadata(struct blk *bs, struct err *e)
 	s->logical_sector = ld_le32(ls);
 	s->physical_sector = ld_le32(ps);
 	if (s->has_parent) {
-		err_set(e, "VHDX differencing images are not supported");
-		ret = -ENOTSUP;
+		/* without a parent locator the image is malformed; with one
+		 * it is a differencing image, which QEMU does not open */
+		uint8_t pl[20];
+		bool f6;
+		ret = meta_item(bs, tab, n, guid_parent_locator, pl, 20, &f6);
+		ret = vhdx_fail(bs, e, ret < 0 || !f6 ? -EINVAL : -ENOTSUP);
 		goto out;
 	}
 	if (s->block_size < VHDX_MIB || s->block_size > VHDX_MAX_BLOCK ||
 	    (s->block_size & (s->block_size - 1))) {
-		err_set(e, "Invalid VHDX block size");
+		vhdx_fail(bs, e, -EINVAL);
 		goto out;
 	}
-	if (s->logical_sector != 512 && s->logical_sector != 4096) {
-		err_set(e, "Invalid VHDX logical sector size");
+	/* like QEMU, only 512-byte logical sectors are supported; the
+	 * physical sector size is advisory */
+	if (s->logical_sector != 512) {
+		ret = vhdx_fail(bs, e, -ENOTSUP);
 		goto out;
 	}
-	if (s->physical_sector != 512 && s->physical_sector != 4096) {
-		err_set(e, "Invalid VHDX physical sector size");
-		goto out;
-	}
-	if (s->disk_size > VHDX_MAX_SIZE ||
-	    !IS_ALIGNED(s->disk_size, s->logical_sector)) {
-		err_set(e, "Invalid VHDX virtual disk size");
+	if (!s->disk_size || s->disk_size > VHDX_MAX_SIZE) {
+		vhdx_fail(bs, e, -EINVAL);
 		goto out;
 	}
 	ret = 0;
@@ -398,8 +397,7 @@ static int vhdx_read_bat(struct blk *bs, struct err *e)
 	/* payload entries with a sector bitmap entry after each chunk */
 	s->bat_entries = blocks ? blocks + (blocks - 1) / ratio : 0;
 	if (s->bat_entries > s->bat_len / 8) {
-		err_set(e, "VHDX BAT region is too small for the disk size");
-		return -EINVAL;
+		return vhdx_fail(bs, e, -EINVAL);
 	}
 	if (s->bat_entries * 8 > VHDX_MAX_BAT_BYTES) {
 		err_set(e, "VHDX BAT is too large");
@@ -415,6 +413,28 @@ static int vhdx_read_bat(struct blk *bs, struct err *e)
 	}
 	for (uint64_t i = 0; i < s->bat_entries; i++)
 		s->bat[i] = ld_le64(&s->bat[i]);
+	/* Present blocks must lie inside the file (the last block only as
+	 * far as the disk goes). */
+	for (uint64_t b = 0; b < blocks; b++) {
+		uint64_t v = s->bat[b + b / ratio], off = v & ~VHDX_MIB_MASK;
+		uint64_t len = MIN((uint64_t)s->block_size,
+				   s->disk_size - b * s->block_size);
+
+		if ((v & 7) != VHDX_BAT_FULLY_PRESENT &&
+		    (v & 7) != VHDX_BAT_PARTIALLY_PRESENT)
+			continue;
+		if (off >= s->file_size || len > s->file_size - off) {
+			snprintf(bs->errmsg, sizeof(bs->errmsg),
+				 "VHDX BAT entry %llu %s offset %llu points "
+				 "after end of file (%llu). Image has probably "
+				 "been truncated.", (unsigned long long)b,
+				 off >= s->file_size ? "start" : "end",
+				 (unsigned long long)(off >= s->file_size ?
+				 off : off + len - 1),
+				 (unsigned long long)s->file_size);
+			return vhdx_fail(bs, e, -EINVAL);
+		}
+	}
 	return 0;
 }
 
@@ -451,7 +471,7 @@ int vhdx_update_headers(struct blk *bs, bool clear_log)
 	return 0;
 }
 
-static int vhdx_open(struct blk *bs, struct err *e)
+static int vhdx_do_open(struct blk *bs, struct err *e)
 {
 	struct vhdx *s = bs->opaque;
 	uint8_t sig[8];
@@ -467,10 +487,8 @@ static int vhdx_open(struct blk *bs, struct err *e)
 	ret = bfile_pread(bs->file, 0, sig, 8);
 	if (ret < 0)
 		return ret;
-	if (memcmp(sig, "vhdxfile", 8)) {
-		err_set(e, "Not a VHDX image");
-		return -EINVAL;
-	}
+	if (memcmp(sig, "vhdxfile", 8))
+		return vhdx_fail(bs, e, -EINVAL);
 	ret = vhdx_read_headers(bs, e);
 	if (ret < 0)
 		return ret;
@@ -486,7 +504,8 @@ static int vhdx_open(struct blk *bs, struct err *e)
 	ret = vhdx_read_bat(bs, e);
 	if (ret < 0)
 		return ret;
-	bs->size = s->disk_size;
+	/* QEMU counts whole 512-byte sectors */
+	bs->size = ALIGN_DOWN(s->disk_size, 512);
 	if (bs->flags & BLK_O_RDWR) {
 		ret = vhdx_update_headers(bs, false);
 		if (ret < 0) {
@@ -504,6 +523,16 @@ static void vhdx_close(struct blk *bs)
 
 	free(s->bat);
 	s->bat = NULL;
+}
+
+/* The block layer does not call close after a failed open. */
+static int vhdx_open(struct blk *bs, struct err *e)
+{
+	int ret = vhdx_do_open(bs, e);
+
+	if (ret < 0)
+		vhdx_close(bs);
+	return ret;
 }
 
 static uint64_t bat_index(const struct vhdx *s, uint64_t block)

@@ -54,6 +54,8 @@ uint32_t vhdx_crc32c(uint32_t crc, const void *buf, size_t len);
 uint32_t vhdx_checksum(const uint8_t *buf, size_t len, size_t csum_off);
 void vhdx_guid_random(uint8_t *g);
 int vhdx_update_headers(struct blk *bs, bool clear_log);
+/* "Could not open 'FILE': strerror(-ret)" in e; returns ret. */
+int vhdx_fail(struct blk *bs, struct err *e, int ret);
 /* Finds the active log sequence; replays it when the image is writable,
  * refuses a read-only open that would need it (vhdx_log.c). */
 int vhdx_log_open(struct blk *bs, struct err *e);

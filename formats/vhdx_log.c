@@ -170,15 +170,10 @@ int vhdx_log_open(struct blk *bs, struct err *e)
 
 	if (!memcmp(c.guid, zero, 16))
 		return 0;
-	if (ld_le16(h + 64) != 0) {
-		err_set(e, "Unsupported VHDX log version");
-		return -ENOTSUP;
-	}
 	if (!c.len || c.len % VHDX_MIB || c.off % VHDX_MIB ||
 	    c.off < VHDX_MIB || c.off > VHDX_MAX_FILE - c.len ||
 	    c.len > VHDX_MAX_LOG) {
-		err_set(e, "Invalid VHDX log location");
-		return -EINVAL;
+		return vhdx_fail(bs, e, -EINVAL);
 	}
 	/* The head is the valid entry with the highest sequence number. */
 	nsec = c.len / LOG_SECTOR;
@@ -204,8 +199,7 @@ int vhdx_log_open(struct blk *bs, struct err *e)
 	pos = head.tail;
 	ret = log_entry_at(&c, pos, &le, &data);
 	if (ret <= 0) {
-		err_set(e, "VHDX log is corrupt");
-		return ret < 0 ? ret : -EINVAL;
+		return vhdx_fail(bs, e, ret < 0 ? ret : -EINVAL);
 	}
 	for (steps = 0; ; steps++) {
 		uint64_t seq = le.seq, next;
@@ -220,8 +214,7 @@ int vhdx_log_open(struct blk *bs, struct err *e)
 		if (le.pos == head.pos && seq == head.seq)
 			break;
 		if (steps > nsec) {
-			err_set(e, "VHDX log is corrupt");
-			return -EINVAL;
+			return vhdx_fail(bs, e, -EINVAL);
 		}
 		next = (le.pos + le.len) % c.len;
 		ret = log_entry_at(&c, next, &le, &data);
@@ -229,8 +222,7 @@ int vhdx_log_open(struct blk *bs, struct err *e)
 			return ret;
 		if (!ret || le.seq != seq + 1) {
 			free(data);
-			err_set(e, "VHDX log is corrupt");
-			return -EINVAL;
+			return vhdx_fail(bs, e, -EINVAL);
 		}
 	}
 	/* the file must be as long as the newest entry says it was */
@@ -241,8 +233,13 @@ int vhdx_log_open(struct blk *bs, struct err *e)
 		s->file_size = head.last;
 	}
 	ret = bfile_flush(bs->file);
-	if (ret == 0)
+	if (ret == 0) {
+		int64_t fsize = bfile_size(bs->file);
+		if (fsize < 0)
+			return vhdx_fail(bs, e, (int)fsize);
+		s->file_size = (uint64_t)fsize;
 		ret = vhdx_update_headers(bs, true);
+	}
 	if (ret < 0) {
 		err_set(e, "Could not update VHDX headers after log replay: "
 			"%s", strerror(-ret));
