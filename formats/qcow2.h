@@ -84,6 +84,7 @@ struct qcow2_cache {
 /* Cluster types as the read side sees a unit (cluster or subcluster). */
 enum qcow2_type {
 	QC_UNALLOC,		/* ask the backing file */
+	QC_UNALLOC_ALLOC,	/* same, inside an allocated host cluster */
 	QC_ZERO,		/* reads as zero, no host cluster */
 	QC_ZERO_ALLOC,		/* reads as zero, host cluster preallocated */
 	QC_NORMAL,		/* data at the host offset */

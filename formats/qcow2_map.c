@@ -166,6 +166,9 @@ static int unit_type(struct blk *bs, uint64_t e, uint64_t bm, unsigned sc,
 	} else if ((bm >> (32 + sc)) & 1) {
 		*t = hoff ? QC_ZERO_ALLOC : QC_ZERO;
 		*h = hoff ? hoff + ((uint64_t)sc << s->sc_bits) : 0;
+	} else if (hoff) {
+		*t = QC_UNALLOC_ALLOC;
+		*h = hoff + ((uint64_t)sc << s->sc_bits);
 	} else {
 		*t = QC_UNALLOC;
 	}
@@ -212,7 +215,8 @@ int qcow2_map(struct blk *bs, uint64_t off, uint64_t len, uint64_t *pnum,
 			t0 = t;
 			h0 = h;
 		} else if (t != t0 || t == QC_COMPRESSED ||
-			   ((t == QC_NORMAL || t == QC_ZERO_ALLOC) &&
+			   ((t == QC_NORMAL || t == QC_ZERO_ALLOC ||
+			     t == QC_UNALLOC_ALLOC) &&
 			    h != h0 + (pos - ALIGN_DOWN(off, unit)))) {
 			break;
 		}
@@ -224,7 +228,7 @@ int qcow2_map(struct blk *bs, uint64_t off, uint64_t len, uint64_t *pnum,
 	}
 	*type = t0;
 	*pnum = MIN(pos, end) - off;
-	if (t0 == QC_NORMAL || t0 == QC_ZERO_ALLOC)
+	if (t0 == QC_NORMAL || t0 == QC_ZERO_ALLOC || t0 == QC_UNALLOC_ALLOC)
 		*host = h0 + (off & (unit - 1));
 	else if (t0 == QC_COMPRESSED)
 		*host = h0;
@@ -279,6 +283,7 @@ int qcow2_pread(struct blk *bs, uint64_t off, void *buf, size_t len)
 			return ret;
 		switch (t) {
 		case QC_UNALLOC:
+		case QC_UNALLOC_ALLOC:
 			ret = blk_read_backing(bs, off, p, (size_t)n);
 			break;
 		case QC_ZERO:
@@ -350,6 +355,10 @@ int qcow2_block_status(struct blk *bs, uint64_t off, uint64_t len,
 			return ret;
 		switch (t) {
 		case QC_UNALLOC: st = 0; break;
+		case QC_UNALLOC_ALLOC:
+			/* not this layer's, but the host cluster is there */
+			st = BLK_STAT_OFFSET;
+			break;
 		case QC_ZERO: st = BLK_STAT_ZERO | BLK_STAT_ALLOCATED; break;
 		case QC_ZERO_ALLOC:
 			st = BLK_STAT_ZERO | BLK_STAT_ALLOCATED |

@@ -499,9 +499,12 @@ int qcow2_rc_update(struct blk *bs, uint64_t off, uint64_t len,
 				s->free_hint = ci;
 			qcow2_cache_drop(&s->l2c, ci << s->cluster_bits);
 			qcow2_cache_drop(&s->rbc, ci << s->cluster_bits);
-			if (s->zc_desc &&
-			    (s->zc_desc >> s->cluster_bits) == ci)
-				s->zc_desc = 0;
+			/* no more packing of compressed data into it */
+			if (s->free_byte_off &&
+			    (s->free_byte_off >> s->cluster_bits) == ci)
+				s->free_byte_off = 0;
+			/* the cached decompressed cluster may live there */
+			s->zc_desc = 0;
 		}
 	}
 	return 0;
