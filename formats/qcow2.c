@@ -494,11 +494,20 @@ static int qcow2_open(struct blk *bs, struct err *e)
 	s->read_only = !(bs->flags & BLK_O_RDWR);
 	if (!s->read_only && (s->incompat & QCOW2_INCOMPAT_DIRTY) &&
 	    !(bs->flags & BLK_O_CHECK)) {
-		/* refcounts may be stale: writing would corrupt the image */
-		err_set(e, "qcow2: Image is dirty (its refcounts may be "
-			"stale); run 'qemu-img check -r all' first");
-		ret = -ENOTSUP;
-		goto out;
+		/* Refcounts may be stale (lazy refcounts, or a crash): they
+		 * are rebuilt from the L1/L2 tables before any write, as
+		 * QEMU does on opening such an image read-write. */
+		struct check_result res = { 0 };
+
+		ret = qcow2_check(bs, &res, CHECK_FIX_ERRORS |
+				  CHECK_FIX_LEAKS);
+		if (ret < 0 || res.corruptions || res.check_errors) {
+			err_set(e, "Could not repair dirty image: %s",
+				ret < 0 ? strerror(-ret) :
+				"corruptions remain");
+			ret = ret < 0 ? ret : -EIO;
+			goto out;
+		}
 	}
 	if (!s->read_only) {
 		/* unknown auto-clear features must be cleared before any

@@ -201,6 +201,9 @@ int qcow2_write_compressed(struct blk *bs, uint64_t off, const void *buf,
 void qcow2_compressed_range(const struct qcow2 *s, uint64_t desc,
 			    uint64_t *off, uint64_t *len);
 
+/* qcow2_check.c: consistency check, fix = CHECK_FIX_* */
+int qcow2_check(struct blk *bs, struct check_result *res, int fix);
+
 /* qcow2_compress.c */
 int qcow2_inflate(const uint8_t *in, size_t inlen, uint8_t *out,
 		  size_t outlen);
