@@ -472,8 +472,10 @@ static int vdi_create(const char *filename, const struct optlist *opts,
 			goto werr;
 	}
 	if (is_static) {
+		/* qemu-img leaves the data area sparse whatever the
+		 * preallocation mode (it only applies to the empty file). */
 		ret = bfile_truncate(f, data_off + blocks * VDI_BLOCK,
-				     prealloc, e);
+				     PREALLOC_OFF, e);
 		if (ret < 0)
 			goto out;
 	}

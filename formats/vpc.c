@@ -492,6 +492,14 @@ static int vpc_create(const char *filename, const struct optlist *opts,
 		err_set(e, "Backing file not supported for file format 'vpc'");
 		return -ENOTSUP;
 	}
+	/* The mode is the protocol's, checked before the file exists, and
+	 * like qemu-img we create the file without preallocating. */
+	if (optlist_get(opts, "preallocation") &&
+	    blk_parse_prealloc(optlist_get(opts, "preallocation"), &ret) < 0) {
+		err_set(e, "invalid parameter value: %s",
+			optlist_get(opts, "preallocation"));
+		return -EINVAL;
+	}
 	ret = bfile_open(&f, filename, BFILE_CREATE | BFILE_RDWR,
 			 CACHE_WRITEBACK, e);
 	if (ret < 0)
