@@ -255,13 +255,18 @@ static int vdi_allocate(struct blk *bs, uint64_t idx, uint64_t in,
 
 	if (entry >= s->blocks || entry >= VDI_FIRST_FREE)
 		return -ENOSPC;	/* the header's count is corrupt */
-	blk = blk_alloc_buf(VDI_BLOCK);
-	if (!blk)
-		return -ENOMEM;
-	memset(blk, 0, VDI_BLOCK);
-	memcpy(blk + in, data, n);
-	ret = bfile_pwrite(bs->file, vdi_host(s, entry), blk, VDI_BLOCK);
-	free(blk);
+	if (n == VDI_BLOCK) {
+		ret = bfile_pwrite(bs->file, vdi_host(s, entry), data, n);
+	} else {
+		blk = blk_alloc_buf(VDI_BLOCK);
+		if (!blk)
+			return -ENOMEM;
+		memset(blk, 0, VDI_BLOCK);
+		memcpy(blk + in, data, n);
+		ret = bfile_pwrite(bs->file, vdi_host(s, entry), blk,
+				   VDI_BLOCK);
+		free(blk);
+	}
 	if (ret < 0)
 		return ret;
 	st_le32(le, entry);
