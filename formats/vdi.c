@@ -412,12 +412,18 @@ static int vdi_create(const char *filename, const struct optlist *opts,
 		err_set(e, "Backing file not supported for file format 'vdi'");
 		return -ENOTSUP;
 	}
+	/* Like qemu-img, the file exists (empty) when the size is refused. */
+	ret = bfile_open(&f, filename, BFILE_CREATE | BFILE_RDWR,
+			 CACHE_WRITEBACK, e);
+	if (ret < 0)
+		return ret;
 	size = ALIGN_UP(MIN(size, (uint64_t)INT64_MAX), 512);
 	if (size > (uint64_t)VDI_MAX_BLOCKS * VDI_BLOCK) {
 		err_set(e, "Unsupported VDI image size (size is 0x%" PRIx64
 			", max supported is 0x%" PRIx64 ")", size,
 			(uint64_t)VDI_MAX_BLOCKS * VDI_BLOCK);
-		return -ENOTSUP;
+		ret = -ENOTSUP;
+		goto out;
 	}
 	blocks = DIV_ROUND_UP(size, VDI_BLOCK);
 	bmap_len = ALIGN_UP(blocks * 4, 512);
@@ -448,10 +454,6 @@ static int vdi_create(const char *filename, const struct optlist *opts,
 		h[u + 8] = (uint8_t)((h[u + 8] & 0x3f) | 0x80);
 	}
 
-	ret = bfile_open(&f, filename, BFILE_CREATE | BFILE_RDWR,
-			 CACHE_WRITEBACK, e);
-	if (ret < 0)
-		return ret;
 	ret = bfile_pwrite(f, 0, h, sizeof(h));
 	if (ret < 0)
 		goto werr;
