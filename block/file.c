@@ -93,7 +93,7 @@ int bfile_open(struct bfile **pf, const char *name, unsigned flags,
 	int oflags = O_CLOEXEC;
 
 	*pf = NULL;
-	if (!name[0]) {
+	if (!name[0] && !(flags & BFILE_CREATE)) {
 		err_set(e, "The 'file' block driver requires a file name");
 		return -EINVAL;
 	}
