@@ -153,6 +153,10 @@ static int vdi_open(struct blk *bs, struct err *e)
 			" is not %u)", bsize, VDI_BLOCK);
 		return -ENOTSUP;
 	}
+	/* Sizes that are not whole sectors (VirtualBox makes them) are
+	 * rounded up, as qemu does; the room check below catches a wrap. */
+	if (s->disk_size % 512 && s->disk_size < UINT64_MAX - 511)
+		s->disk_size = ALIGN_UP(s->disk_size, 512);
 	room = (uint64_t)s->blocks * VDI_BLOCK;
 	if (s->disk_size > room) {
 		err_set(e, "unsupported VDI image (disk size %" PRIu64 ", image "
