@@ -8,6 +8,71 @@
 #include <ctype.h>
 #include "blk.h"
 
+#undef strerror
+char *imgbox_strerror(int errnum)
+{
+	static const struct { int no; const char *text; } tab[] = {
+		{ EPERM, "Operation not permitted" },
+		{ ENOENT, "No such file or directory" },
+		{ EINTR, "Interrupted system call" },
+		{ EIO, "Input/output error" },
+		{ ENXIO, "No such device or address" },
+		{ E2BIG, "Argument list too long" },
+		{ EBADF, "Bad file descriptor" },
+		{ EAGAIN, "Resource temporarily unavailable" },
+		{ ENOMEM, "Cannot allocate memory" },
+		{ EACCES, "Permission denied" },
+		{ EFAULT, "Bad address" },
+		{ ENOTBLK, "Block device required" },
+		{ EBUSY, "Device or resource busy" },
+		{ EEXIST, "File exists" },
+		{ EXDEV, "Invalid cross-device link" },
+		{ ENODEV, "No such device" },
+		{ ENOTDIR, "Not a directory" },
+		{ EISDIR, "Is a directory" },
+		{ EINVAL, "Invalid argument" },
+		{ ENFILE, "Too many open files in system" },
+		{ EMFILE, "Too many open files" },
+		{ ENOTTY, "Inappropriate ioctl for device" },
+		{ ETXTBSY, "Text file busy" },
+		{ EFBIG, "File too large" },
+		{ ENOSPC, "No space left on device" },
+		{ ESPIPE, "Illegal seek" },
+		{ EROFS, "Read-only file system" },
+		{ EMLINK, "Too many links" },
+		{ EPIPE, "Broken pipe" },
+		{ EDOM, "Numerical argument out of domain" },
+		{ ERANGE, "Numerical result out of range" },
+		{ EDEADLK, "Resource deadlock avoided" },
+		{ ENAMETOOLONG, "File name too long" },
+		{ ENOLCK, "No locks available" },
+		{ ENOSYS, "Function not implemented" },
+		{ ENOTEMPTY, "Directory not empty" },
+		{ ELOOP, "Too many levels of symbolic links" },
+		{ ENOMSG, "No message of desired type" },
+		{ ENODATA, "No data available" },
+		{ EPROTO, "Protocol error" },
+		{ EBADMSG, "Bad message" },
+		{ EOVERFLOW, "Value too large for defined data type" },
+		{ EILSEQ, "Invalid or incomplete multibyte or wide character" },
+		{ EOPNOTSUPP, "Operation not supported" },
+		{ ETIMEDOUT, "Connection timed out" },
+		{ ECONNREFUSED, "Connection refused" },
+		{ EUCLEAN, "Structure needs cleaning" },
+		{ EDQUOT, "Disk quota exceeded" },
+		{ ENOMEDIUM, "No medium found" },
+		{ EMEDIUMTYPE, "Wrong medium type" },
+		{ ECANCELED, "Operation canceled" },
+	};
+	static __thread char unknown[32];
+
+	for (size_t i = 0; i < ARRAY_SIZE(tab); i++)
+		if (tab[i].no == errnum)
+			return (char *)tab[i].text;
+	snprintf(unknown, sizeof(unknown), "Unknown error %d", errnum);
+	return unknown;
+}
+
 void err_set(struct err *e, const char *fmt, ...)
 {
 	va_list ap;

@@ -104,6 +104,12 @@ static inline int mul_overflow_u64(uint64_t a, uint64_t b, uint64_t *r)
 	return __builtin_mul_overflow(a, b, r);
 }
 
+/* strerror() with the GNU C library's texts whatever libc we link: qemu-img
+ * prints glibc's messages ("Input/output error") and scripts and tests
+ * match them, while musl words some differently ("I/O error"). */
+char *imgbox_strerror(int errnum);
+#define strerror(e) imgbox_strerror(e)
+
 /* True if the whole buffer is zero; word at a time after a byte prologue. */
 int buffer_is_zero(const void *buf, size_t len);
 
