@@ -18,7 +18,9 @@
 #include <time.h>
 #include <unistd.h>
 #include "blk_driver.h"
+#include "baio.h"
 #include "convert.h"
+#include <generated/config.h>
 
 #define CHUNK_MAX	(1u << 20)	/* bytes per chunk, before alignment */
 
@@ -51,6 +53,9 @@ struct conv {
 	size_t chunk_max;
 	bool precompress;		/* driver compresses outside its lock */
 	bool use_copy_range;
+	/* -t none into raw: data writes stay in flight through libaio */
+	struct baio *aio;
+	pthread_mutex_t aio_lock;
 
 	pthread_mutex_t lock;
 	pthread_cond_t turn;
@@ -72,7 +77,13 @@ struct worker {
 	uint8_t *buf, *cbuf, *bbuf;
 	struct seg *segs;
 	size_t nseg, maxseg;
+	int pending;			/* libaio writes from buf in flight */
 	char msg[512];
+};
+
+struct aioreq {
+	struct worker *w;
+	uint64_t off;
 };
 
 static void fail(struct conv *c, int ret, const char *fmt, ...) PRINTF(3, 4);
@@ -508,6 +519,76 @@ static int process(struct worker *w, const struct chunk *ch)
 	return 0;
 }
 
+/* ---- libaio writes (raw target opened with O_DIRECT) ---- */
+
+static int write_err(struct conv *c, int ret, uint64_t off);
+
+/* Collects at least one completion; with aio_lock held. */
+static void aio_reap_locked(struct conv *c)
+{
+	void *tags[64];
+	long res[64];
+	int n = baio_reap(c->aio, 1, tags, res, 64);
+
+	if (n < 0) {	/* cannot happen with a valid context */
+		fail(c, n, "error while waiting for writes to '%s': %s",
+		     c->o->target->filename, strerror(-n));
+		return;
+	}
+	for (int i = 0; i < n; i++) {
+		struct aioreq *r = tags[i];
+		r->w->pending--;
+		if (res[i] < 0)
+			write_err(c, (int)res[i], r->off);
+		free(r);
+	}
+}
+
+/* Until every write from this worker's buffer has completed. */
+static void aio_wait(struct worker *w)
+{
+	struct conv *c = w->c;
+
+	if (!c->aio)
+		return;
+	pthread_mutex_lock(&c->aio_lock);
+	while (w->pending > 0)
+		aio_reap_locked(c);
+	pthread_mutex_unlock(&c->aio_lock);
+}
+
+static int aio_write(struct worker *w, uint64_t off, uint8_t *buf,
+		     size_t len)
+{
+	struct conv *c = w->c;
+	struct aioreq *r = malloc(sizeof(*r));
+	int ret;
+
+	if (!r)
+		return -ENOMEM;
+	r->w = w;
+	r->off = off;
+	pthread_mutex_lock(&c->aio_lock);
+	while ((ret = baio_submit(c->aio, c->o->target->file, true, off, buf,
+				  len, r)) == -EAGAIN)
+		aio_reap_locked(c);
+	if (!ret)
+		w->pending++;
+	pthread_mutex_unlock(&c->aio_lock);
+	if (ret < 0)
+		free(r);
+	return ret;
+}
+
+static bool aio_ok(const struct conv *c, uint64_t off, const void *buf,
+		   uint64_t len)
+{
+	unsigned a = c->o->target->file->align;
+
+	return c->aio && IS_ALIGNED(off, a) && IS_ALIGNED(len, a) &&
+	       IS_ALIGNED((uintptr_t)buf, a);
+}
+
 /* ---- committing ---- */
 
 static void rate_wait(struct conv *c, uint64_t bytes)
@@ -594,8 +675,12 @@ static int commit(struct worker *w, const struct chunk *ch)
 			continue;
 		case SEG_DATA:
 			rate_wait(c, s->len);
-			ret = blk_pwrite(t, s->off, w->buf + s->boff,
-					 (size_t)s->len);
+			if (aio_ok(c, s->off, w->buf + s->boff, s->len))
+				ret = aio_write(w, s->off, w->buf + s->boff,
+						(size_t)s->len);
+			else
+				ret = blk_pwrite(t, s->off, w->buf + s->boff,
+						 (size_t)s->len);
 			wr += s->len;
 			break;
 		case SEG_ZERO:
@@ -655,6 +740,7 @@ static void *worker_main(void *arg)
 		pthread_mutex_unlock(&c->lock);
 		if (r <= 0)
 			break;
+		aio_wait(w);	/* buf is free again */
 		if (process(w, &ch) < 0)
 			break;
 		if (!o->out_of_order) {
@@ -677,6 +763,7 @@ static void *worker_main(void *arg)
 			o->progress(o->opaque, c->done, c->total);
 		pthread_mutex_unlock(&c->lock);
 	}
+	aio_wait(w);
 	return NULL;
 }
 
@@ -733,7 +820,15 @@ int convert_run_stats(const struct convert_opts *o, struct convert_stats *st,
 			t->drv->write_precompressed;
 	c.use_copy_range = o->copy_range && !o->compress &&
 			   !strcmp(t->drv->name, "raw") && !t->file->direct;
+	/* (fault injection lives in bfile_*: tests that use it keep the
+	 * synchronous path) */
+	if (ENABLE_LIBAIO && !o->compress && !c.use_copy_range &&
+	    !getenv("IMGBOX_FAULT") &&
+	    !strcmp(t->drv->name, "raw") && t->file->direct &&
+	    baio_init(&c.aio, 256) < 0)
+		c.aio = NULL;
 	bsz = c.chunk_max + (size_t)c.cluster;
+	pthread_mutex_init(&c.aio_lock, NULL);
 	pthread_mutex_init(&c.lock, NULL);
 	pthread_cond_init(&c.turn, NULL);
 	clock_gettime(CLOCK_MONOTONIC, &c.t0);
@@ -785,6 +880,8 @@ int convert_run_stats(const struct convert_opts *o, struct convert_stats *st,
 	}
 	if (st)
 		*st = c.st;
+	baio_free(c.aio);
+	pthread_mutex_destroy(&c.aio_lock);
 	pthread_cond_destroy(&c.turn);
 	pthread_mutex_destroy(&c.lock);
 	free(c.src_start);
