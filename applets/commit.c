@@ -195,6 +195,8 @@ int commit_main(int argc, char **argv)
 	path = strdup(base->filename);
 	{
 		char *fmt = strdup(base->drv->name);
+		unsigned probed = base->flags & BLK_O_PROBED;
+
 		if (!path || !fmt)
 			fail("out of memory");
 		parent->backing = NULL;
@@ -204,6 +206,8 @@ int commit_main(int argc, char **argv)
 		if (ret < 0)
 			fail("Could not open '%s' for writing: %s", path,
 			     e.msg);
+		/* a guessed format keeps its guard on sector 0 */
+		nb->flags |= probed;
 		parent->backing = base = nb;
 	}
 
