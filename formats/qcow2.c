@@ -1079,6 +1079,10 @@ int qcow2_snapshot_load_tmp(struct blk *bs, const char *id, const char *name,
 			    struct err *e);
 /* formats/qcow2_check.c */
 int qcow2_check(struct blk *bs, struct check_result *res, int fix);
+/* formats/qcow2_amend.c */
+int qcow2_amend(struct blk *bs, const struct optlist *opts, bool force,
+		struct err *e);
+extern const struct optdesc qcow2_amend_opts[];
 /* formats/qcow2_snapshot.c */
 int qcow2_snapshot_create(struct blk *bs, const struct snapshot_info *sn,
 			  struct err *e);
@@ -1092,7 +1096,7 @@ const struct blk_driver qcow2_driver = {
 	.caps = BLK_CAP_CREATE | BLK_CAP_WRITE | BLK_CAP_BACKING |
 		BLK_CAP_COMPRESS | BLK_CAP_ZERO_INIT | BLK_CAP_RESIZE |
 		BLK_CAP_SHRINK | BLK_CAP_ZERO_WRITES | BLK_CAP_MEASURE |
-		BLK_CAP_SNAPSHOTS | BLK_CAP_CHECK,
+		BLK_CAP_SNAPSHOTS | BLK_CAP_CHECK | BLK_CAP_AMEND,
 	.state_size = sizeof(struct qcow2),
 	.create_opts = qcow2_create_opts,
 	.probe = qcow2_probe,
@@ -1112,6 +1116,8 @@ const struct blk_driver qcow2_driver = {
 	.snapshot_create = qcow2_snapshot_create,
 	.snapshot_apply = qcow2_snapshot_apply,
 	.snapshot_delete = qcow2_snapshot_delete,
+	.amend = qcow2_amend,
+	.amend_opts = qcow2_amend_opts,
 	.measure = qcow2_measure,
 	.change_backing = qcow2_change_backing,
 	.make_empty = qcow2_make_empty,

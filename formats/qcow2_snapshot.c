@@ -848,3 +848,24 @@ out:
 	table_free(&t);
 	return ret;
 }
+
+/* ---- for amend ---- */
+
+int qcow2_snapshot_table_upgrade(struct blk *bs);
+
+/* compat=1.1 requires the 64-bit VM state size and the disk size in
+ * every entry: the table is rewritten if one lacks them. */
+int qcow2_snapshot_table_upgrade(struct blk *bs)
+{
+	struct sn_table t;
+	bool need = false;
+	int ret = table_read(bs, &t);
+
+	for (uint32_t i = 0; !ret && i < t.n; i++)
+		if (t.ent[i].extra < 16)
+			need = true;
+	if (!ret && need)
+		ret = table_write(bs, &t, -1, NULL);
+	table_free(&t);
+	return ret;
+}
