@@ -347,14 +347,16 @@ static int vpc_allocate(struct blk *bs, uint64_t idx)
 
 	if (at / 512 >= VHD_UNALLOCATED)
 		return -EFBIG;
-	bm = malloc(s->bitmap_size);
-	if (!bm)
-		return -ENOMEM;
-	memset(bm, 0xff, s->bitmap_size);
-	ret = bfile_pwrite(bs->file, at, bm, s->bitmap_size);
-	free(bm);
-	if (ret < 0)
-		return ret;
+	if (s->bitmap_size) {	/* none for blocks under 4 KiB */
+		bm = malloc(s->bitmap_size);
+		if (!bm)
+			return -ENOMEM;
+		memset(bm, 0xff, s->bitmap_size);
+		ret = bfile_pwrite(bs->file, at, bm, s->bitmap_size);
+		free(bm);
+		if (ret < 0)
+			return ret;
+	}
 	ret = bfile_pwrite(bs->file, end, s->footer, FT_LEN);
 	if (ret < 0)
 		return ret;
