@@ -297,31 +297,59 @@ static void queue_range(struct cmp *c, uint64_t off, uint64_t len, int kind)
 }
 
 /* Block status through the whole chain, with the bits qemu's strict mode
- * compares: a data extent whose host range is a hole in the file reads as
- * zero, and the extent that reaches the end of the image carries EOF. */
+ * compares: zeroes past the end of a shorter backing file count as
+ * allocated there, a data extent whose host range is a hole in the file
+ * reads as zero, and the extent that reaches the end of the image carries
+ * EOF (so does one that reaches the end of the bottom image when no layer
+ * allocates it). */
 static int status(struct cmp *c, int i, uint64_t off, uint64_t *pnum)
 {
-	struct blk *bs = c->bs[i];
-	struct bfile *mf;
-	uint64_t map, n;
-	int depth, st;
+	struct blk *bs = c->bs[i], *cur = bs;
+	struct bfile *mf = NULL;
+	uint64_t map = 0, n, len = bs->size - off;
+	int st;
 
-	st = blk_block_status_above(bs, NULL, off, bs->size - off, pnum, &map,
-				    &mf, &depth);
-	if (st < 0) {
-		msg("Sector allocation test failed for %s", c->name[i]);
-		finish(c, 3);
+	for (;;) {
+		if (cur != bs && off >= cur->size) {
+			st = BLK_STAT_ZERO | BLK_STAT_ALLOCATED;
+			*pnum = len;
+			mf = NULL;
+			break;
+		}
+		st = blk_block_status(cur, off, len, pnum, &map, &mf);
+		if (st < 0) {
+			msg("Sector allocation test failed for %s",
+			    c->name[i]);
+			finish(c, 3);
+		}
+		len = *pnum;
+		if (st & BLK_STAT_ALLOCATED)
+			break;
+		if (!cur->backing) {
+			/* qemu keeps this layer's own end-of-image bit */
+			st = BLK_STAT_ZERO;
+			if (off + *pnum == cur->size)
+				st |= STAT_EOF;
+			mf = NULL;
+			break;
+		}
+		cur = cur->backing;
 	}
 	if ((st & (BLK_STAT_DATA | BLK_STAT_OFFSET | BLK_STAT_ZERO)) ==
 	    (BLK_STAT_DATA | BLK_STAT_OFFSET) && mf) {
+		int64_t fsize = bfile_size(mf);
 		int fs = bfile_block_status(mf, map, *pnum, &n);
-		if (fs >= 0 && (fs & BLK_STAT_ZERO)) {
-			st |= BLK_STAT_ZERO;
+
+		if (fs >= 0 && fsize >= 0 && (fs & BLK_STAT_ZERO) &&
+		    map + n >= (uint64_t)fsize)
+			st |= BLK_STAT_ZERO;	/* a hole to the end */
+		else if (fs >= 0) {
 			*pnum = MIN(*pnum, n);
+			st |= fs & BLK_STAT_ZERO;
 		}
 	}
 	st &= BLK_STAT_DATA | BLK_STAT_ZERO | BLK_STAT_ALLOCATED |
-	      BLK_STAT_OFFSET | BLK_STAT_COMPRESSED;
+	      BLK_STAT_OFFSET | BLK_STAT_COMPRESSED | STAT_EOF;
 	if (off + *pnum == bs->size)
 		st |= STAT_EOF;
 	return st;
