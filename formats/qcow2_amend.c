@@ -51,6 +51,17 @@ const struct optdesc qcow2_amend_opts[] = {
 	{ NULL, 0, NULL, NULL, false }
 };
 
+/* errno text as glibc words it, as in qemu-img's messages */
+static const char *errstr(int err)
+{
+	switch (err) {
+	case EIO: return "Input/output error";
+	case ENOMEM: return "Cannot allocate memory";
+	case ENOTSUP: return "Operation not supported";
+	default: return strerror(err);
+	}
+}
+
 static int fail(struct err *e, int ret, const char *msg)
 {
 	err_set(e, "%s", msg);
@@ -563,14 +574,14 @@ int qcow2_amend(struct blk *bs, const struct optlist *opts, bool force,
 		ret = qcow2_snapshot_table_upgrade(bs);
 		if (ret < 0) {
 			err_set(e, "Failed to update the snapshot table: %s",
-				strerror(-ret));
+				errstr(-ret));
 			return ret;
 		}
 		s->incompat = s->compat = s->autoclear = 0;
 		ret = rebuild_header(bs, 3);
 		if (ret < 0) {
 			err_set(e, "Failed to update the image header: %s",
-				strerror(-ret));
+				errstr(-ret));
 			return ret;
 		}
 	}
@@ -585,7 +596,7 @@ int qcow2_amend(struct blk *bs, const struct optlist *opts, bool force,
 			ret = bfile_flush(bs->file);
 		if (ret < 0) {
 			err_set(e, "Failed to update the image header: %s",
-				strerror(-ret));
+				errstr(-ret));
 			return ret;
 		}
 		s->compat = nc;
@@ -595,7 +606,7 @@ int qcow2_amend(struct blk *bs, const struct optlist *opts, bool force,
 		if (ret < 0) {
 			if (!e->msg[0])
 				err_set(e, "Failed to change the refcount "
-					"width: %s", strerror(-ret));
+					"width: %s", errstr(-ret));
 			return ret;
 		}
 	}
@@ -603,7 +614,7 @@ int qcow2_amend(struct blk *bs, const struct optlist *opts, bool force,
 		ret = bs->drv->truncate(bs, size, PREALLOC_OFF, true, e);
 		if (ret < 0) {
 			if (!e->msg[0])
-				err_set(e, "%s", strerror(-ret));
+				err_set(e, "%s", errstr(-ret));
 			return ret;
 		}
 		bs->size = size;
@@ -613,14 +624,14 @@ int qcow2_amend(struct blk *bs, const struct optlist *opts, bool force,
 		ret = expand_zero_clusters(bs);
 		if (ret < 0) {
 			err_set(e, "Failed to turn zero into data clusters: %s",
-				strerror(-ret));
+				errstr(-ret));
 			return ret;
 		}
 		s->compat = s->autoclear = 0;
 		ret = rebuild_header(bs, 2);
 		if (ret < 0) {
 			err_set(e, "Failed to update the image header: %s",
-				strerror(-ret));
+				errstr(-ret));
 			return ret;
 		}
 	}
