@@ -54,6 +54,7 @@ struct ck {
 	bool signaled;		/* the corruption message was printed */
 	struct ck_ext ext;
 	uint64_t sn_size;	/* bytes of the snapshot table */
+	int64_t flen;		/* file length (0: ask the file) */
 };
 
 /* ---- the computed refcount array ---- */
@@ -130,9 +131,10 @@ static int ck_ref(struct ck *c, uint64_t off, uint64_t size)
 
 	if (!size)
 		return 0;
-	flen = bfile_size(c->bs->file);
+	flen = c->flen ? c->flen : bfile_size(c->bs->file);
 	if (flen < 0)
 		return (int)flen;
+	c->flen = flen;
 	/* The last cluster may be partly beyond the end of the file. */
 	if (add_overflow_u64(off, size, &end) ||
 	    (end > (uint64_t)flen && end - (uint64_t)flen >= cs)) {
@@ -337,6 +339,7 @@ static int fix_entry_by_zero(struct ck *c, uint64_t l2_off, uint8_t *t,
 		return ret;
 	}
 	qcow2_cache_drop(&s->l2c, l2_off);
+	c->flen = 0;	/* the write may extend the file */
 	ret = bfile_pwrite(c->bs->file, at, p, s->l2_esize);
 	if (!ret)
 		ret = bfile_flush(c->bs->file);
@@ -738,6 +741,7 @@ static int check_refblocks(struct ck *c, int fix)
 				fprintf(stderr, "qemu-img: %s\n", e.msg);
 				goto resize_fail;
 			}
+			c->flen = 0;
 			size = bfile_size(c->bs->file);
 			ret = size < 0 ? (int)size : 0;
 			if (ret < 0)
@@ -780,6 +784,7 @@ static int calculate(struct ck *c, int fix)
 	struct qcow2 *s = c->s;
 	int ret;
 
+	c->flen = 0;
 	ret = snapshot_table_size(c, &c->sn_size);
 	if (!ret)
 		ret = read_exts(c, &c->ext);
