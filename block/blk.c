@@ -415,6 +415,7 @@ int blk_flush(struct blk *bs)
 int blk_truncate(struct blk *bs, uint64_t size, int prealloc, bool shrink,
 		 struct err *e)
 {
+	uint64_t old = bs->size;
 	int ret;
 
 	if (!(bs->drv->caps & BLK_CAP_RESIZE) || !bs->drv->truncate) {
@@ -431,6 +432,14 @@ int blk_truncate(struct blk *bs, uint64_t size, int prealloc, bool shrink,
 	pthread_mutex_unlock(&bs->lock);
 	if (ret == 0)
 		bs->size = size;
+	/* As QEMU: a backing file longer than the old size would show
+	 * through the new area, which must read as zero. */
+	if (ret == 0 && size > old && bs->backing && bs->backing->size > old) {
+		ret = blk_pwrite_zeroes(bs, old, size - old, 0);
+		if (ret < 0)
+			err_set(e, "Could not zero the new area: %s",
+				strerror(-ret));
+	}
 	return ret;
 }
 
