@@ -772,6 +772,35 @@ static int shrink_to(struct blk *bs, uint64_t size)
 	return 0;
 }
 
+/* falloc/full: the data clusters of [from, to) get disk space (full:
+ * written with zeroes); metadata clusters between them are left alone. */
+static int prealloc_data(struct blk *bs, uint64_t from, uint64_t to,
+			 int mode)
+{
+	size_t chunk = 1 << 20;
+	uint8_t *z = NULL;
+	uint64_t n, h;
+	enum qcow2_type t;
+	int ret = 0;
+
+	if (mode == PREALLOC_FULL && !(z = calloc(1, chunk)))
+		return -ENOMEM;
+	for (uint64_t p = from; p < to && !ret; p += n) {
+		ret = qcow2_map(bs, p, to - p, &n, &h, &t);
+		if (ret < 0 || t != QC_NORMAL)
+			continue;
+		if (mode == PREALLOC_FALLOC) {
+			ret = bfile_zero(bs->file, h, n, false);
+			continue;
+		}
+		for (uint64_t d = 0; d < n && !ret; d += chunk)
+			ret = bfile_pwrite(bs->file, h + d, z,
+					   (size_t)MIN(chunk, n - d));
+	}
+	free(z);
+	return ret;
+}
+
 static int qcow2_truncate(struct blk *bs, uint64_t size, int prealloc,
 			  bool shrink, struct err *e)
 {
@@ -826,11 +855,17 @@ static int qcow2_truncate(struct blk *bs, uint64_t size, int prealloc,
 		int64_t fs = bfile_size(bs->file);
 
 		if (fs >= 0 && end > (uint64_t)fs) {
-			ret = bfile_truncate(bs->file, end,
-					     prealloc == PREALLOC_METADATA ?
-					     PREALLOC_OFF : prealloc, e);
+			ret = bfile_truncate(bs->file, end, PREALLOC_OFF, e);
 			if (ret < 0)
 				return ret;
+		}
+		if (prealloc != PREALLOC_METADATA) {
+			ret = prealloc_data(bs, old, size, prealloc);
+			if (ret < 0) {
+				err_set(e, "Preallocation failed: %s",
+					strerror(-ret));
+				return ret;
+			}
 		}
 	}
 	st_be64(b, size);
