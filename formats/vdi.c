@@ -60,7 +60,7 @@
 #define VDI_MAX_BMAP		(256u << 20)
 
 struct vdi_state {
-	uint32_t *bmap;			/* host-endian copy of the block map */
+	uint32_t *bmap;			/* host-endian block map */
 	uint32_t blocks;		/* entries in the map */
 	uint32_t allocated;		/* blocks_allocated of the header */
 	uint32_t bmap_off, data_off;
@@ -84,7 +84,8 @@ static const struct optdesc vdi_create_opts[] = {
 static int vdi_probe(const uint8_t *buf, size_t len, const char *filename)
 {
 	(void)filename;
-	if (len < VDI_SIGNATURE + 4 || ld_le32(buf + VDI_SIGNATURE) != VDI_MAGIC)
+	if (len < VDI_SIGNATURE + 4 ||
+	    ld_le32(buf + VDI_SIGNATURE) != VDI_MAGIC)
 		return 0;
 	return 100;
 }
@@ -159,8 +160,9 @@ static int vdi_open(struct blk *bs, struct err *e)
 		s->disk_size = ALIGN_UP(s->disk_size, 512);
 	room = (uint64_t)s->blocks * VDI_BLOCK;
 	if (s->disk_size > room) {
-		err_set(e, "unsupported VDI image (disk size %" PRIu64 ", image "
-			"bitmap has room for %" PRIu64 ")", s->disk_size, room);
+		err_set(e, "unsupported VDI image (disk size %" PRIu64
+			", image bitmap has room for %" PRIu64 ")",
+			s->disk_size, room);
 		return -ENOTSUP;
 	}
 	if (s->blocks > VDI_MAX_BLOCKS) {
@@ -196,7 +198,8 @@ static int vdi_open(struct blk *bs, struct err *e)
 	ret = bfile_pread(bs->file, s->bmap_off, s->bmap, bmap_len);
 	if (ret < 0) {
 		err_set(e, "Could not read VDI block map: %s", strerror(-ret));
-		free(s->bmap);	/* close is not called after a failed open */
+		/* close is not called after a failed open */
+		free(s->bmap);
 		s->bmap = NULL;
 		return ret;
 	}
@@ -474,9 +477,10 @@ static int vdi_create(const char *filename, const struct optlist *opts,
 		memset(buf, 0, n);
 		for (size_t i = 0; i < n / 4; i++) {
 			uint64_t b = off / 4 + i;
+			uint32_t v = is_static ? (uint32_t)b : VDI_UNALLOCATED;
+
 			if (b < blocks)
-				st_le32(buf + i * 4, is_static ? (uint32_t)b
-							       : VDI_UNALLOCATED);
+				st_le32(buf + i * 4, v);
 		}
 		ret = bfile_pwrite(f, 512 + off, buf, n);
 		if (ret < 0)

@@ -24,7 +24,7 @@
 #define FT_COOKIE		0	/* "conectix" */
 #define FT_FEATURES		8
 #define FT_VERSION		12
-#define FT_DATA_OFFSET		16	/* 64: dynamic header, ~0 if fixed */
+#define FT_DATA_OFFSET		16	/* 64: to the dyn. header */
 #define FT_TIMESTAMP		24	/* seconds since 2000-01-01 UTC */
 #define FT_CREATOR_APP		28
 #define FT_CREATOR_VER		32
@@ -68,7 +68,7 @@
 #define VHD_EPOCH		946684800
 
 struct vpc_state {
-	uint8_t footer[FT_LEN];		/* as read; rewritten after growth */
+	uint8_t footer[FT_LEN];		/* moved as blocks grow */
 	bool fixed;
 	uint32_t block_size, bitmap_size, entries;
 	uint64_t bat_off;
