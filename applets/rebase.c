@@ -22,6 +22,7 @@
 //applet:APPLET(rebase, "img-rebase", "f:F:b:upt:T:qU", "object:*,image-opts,force-share=U")
 
 #define FOR_rebase
+#include <limits.h>
 #include <stdarg.h>
 #include "imgbox.h"
 #include "blk_driver.h"
@@ -145,7 +146,30 @@ static void merge_piece(struct blk *bs, struct blk *old, struct blk *new,
  * old backing file now and will read from the new one; where the two
  * differ, the old content is written into the top. Until the backing
  * file is switched at the very end the top reads the same all along. */
-static void merge(struct blk *bs, struct blk *old, struct blk *new)
+/* Does a layer from `from` down to (not including) `stop` decide the
+ * content of [off, off+len)? *pnum: length of the answer's run. */
+static int allocated_between(struct blk *from, struct blk *stop,
+			     uint64_t off, uint64_t len, uint64_t *pnum)
+{
+	*pnum = len;
+	for (struct blk *cur = from; cur && cur != stop; cur = cur->backing) {
+		struct bfile *mf;
+		uint64_t map;
+		int st;
+
+		if (off >= cur->size)
+			return 1;	/* reads zero past a short layer */
+		st = blk_block_status(cur, off, *pnum, pnum, &map, &mf);
+		if (st < 0)
+			return st;
+		if (st & BLK_STAT_ALLOCATED)
+			return 1;
+	}
+	return 0;
+}
+
+static void merge(struct blk *bs, struct blk *old, struct blk *new,
+		  bool in_chain)
 {
 	uint8_t *bo = blk_alloc_buf(PIECE), *bn = blk_alloc_buf(PIECE);
 	float step = bs->size ? 100.0f / (float)(bs->size /
@@ -166,11 +190,34 @@ static void merge(struct blk *bs, struct blk *old, struct blk *new)
 			     errno_str(-st));
 		if (st & BLK_STAT_ALLOCATED)
 			continue;
+		if (in_chain) {
+			/* the new backing file is below the old one: where
+			 * nothing between them allocates, both read alike */
+			st = allocated_between(old, new, off, n, &n);
+			if (st < 0)
+				fail(bs, "error while reading image metadata: "
+				     "%s", errno_str(-st));
+			if (!st)
+				continue;
+		}
 		merge_piece(bs, old, new, off, n, bo, bn);
 		progress_print(step, 100);
 	}
 	free(bo);
 	free(bn);
+}
+
+/* The image of the old backing chain that path names, if any. */
+static struct blk *find_in_chain(struct blk *old, const char *path)
+{
+	char a[PATH_MAX], b[PATH_MAX];
+
+	if (!realpath(path, a))
+		return NULL;
+	for (struct blk *l = old; l; l = l->backing)
+		if (realpath(l->filename, b) && !strcmp(a, b))
+			return l;
+	return NULL;
 }
 
 /* The backing name is relative to the directory of the image. */
@@ -197,7 +244,7 @@ int rebase_main(int argc, char **argv)
 	int src_cache = CACHE_WRITEBACK, ret;
 	const char *filename, *base = HAS(b) ? ARG(b) : NULL;
 	const char *bfmt = HAS(F) ? ARG(F) : NULL;
-	struct blk *bs, *new = NULL;
+	struct blk *bs, *new = NULL, *chain = NULL;
 	struct err e = { "" };
 	bool unsafe = HAS(u);
 
@@ -232,15 +279,20 @@ int rebase_main(int argc, char **argv)
 
 			if (!path)
 				fail(bs, "out of memory");
-			ret = blk_open(&new, path, bfmt,
-				       HAS(U) ? BLK_O_SHARE : 0, src_cache,
-				       &e);
+			/* as qemu-img, an image of the old chain is used as
+			 * it is open there */
+			chain = find_in_chain(bs->backing, path);
+			if (!chain) {
+				ret = blk_open(&new, path, bfmt,
+					       HAS(U) ? BLK_O_SHARE : 0,
+					       src_cache, &e);
+				if (ret < 0)
+					fail(bs, "Could not open new backing "
+					     "file '%s': %s", base, e.msg);
+			}
 			free(path);
-			if (ret < 0)
-				fail(bs, "Could not open new backing file "
-				     "'%s': %s", base, e.msg);
 		}
-		merge(bs, bs->backing, new);
+		merge(bs, bs->backing, chain ? chain : new, chain != NULL);
 		blk_close(new);
 		ret = blk_flush(bs);
 		if (ret < 0)
