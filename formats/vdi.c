@@ -65,6 +65,7 @@ struct vdi_state {
 	uint32_t allocated;		/* blocks_allocated of the header */
 	uint32_t bmap_off, data_off;
 	uint64_t disk_size;
+	bool overlap;			/* data area over header or map */
 };
 
 static const struct optdesc vdi_create_opts[] = {
@@ -205,6 +206,14 @@ static int vdi_open(struct blk *bs, struct err *e)
 	}
 	for (uint32_t i = 0; i < s->blocks; i++)
 		s->bmap[i] = ld_le32(&s->bmap[i]);
+	/* qemu reads such images; writing them would destroy metadata. */
+	{
+		uint64_t d0 = s->data_off, d1 = d0 + room;
+
+		s->overlap = d0 < VDI_HDR_LEN ||
+			     (bmap_len && d0 < s->bmap_off + bmap_len &&
+			      s->bmap_off < d1);
+	}
 	bs->size = s->disk_size;
 	return 0;
 }
@@ -292,6 +301,11 @@ static int vdi_pwrite(struct blk *bs, uint64_t off, const void *buf,
 	struct vdi_state *s = bs->opaque;
 	const uint8_t *p = buf;
 
+	if (s->overlap) {
+		snprintf(bs->errmsg, sizeof(bs->errmsg), "VDI data area "
+			 "overlaps the header or the block map");
+		return -EIO;
+	}
 	while (len) {
 		uint64_t idx = off / VDI_BLOCK, in = off % VDI_BLOCK;
 		size_t n = (size_t)MIN((uint64_t)len, VDI_BLOCK - in);
