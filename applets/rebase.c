@@ -286,11 +286,11 @@ int rebase_main(int argc, char **argv)
 				ret = blk_open(&new, path, bfmt,
 					       HAS(U) ? BLK_O_SHARE : 0,
 					       src_cache, &e);
-				if (ret < 0)
-					fail(bs, "Could not open new backing "
-					     "file '%s': %s", base, e.msg);
 			}
 			free(path);
+			if (!chain && ret < 0)
+				fail(bs, "Could not open new backing file "
+				     "'%s': %s", base, e.msg);
 		}
 		merge(bs, bs->backing, chain ? chain : new, chain != NULL);
 		blk_close(new);
