@@ -223,9 +223,12 @@ int commit_main(int argc, char **argv)
 		fail("out of memory");
 	clock_gettime(CLOCK_MONOTONIC, &start);
 	for (off = 0; off < top->size; off += n) {
-		int st = status_above(top, base, off,
-				      MIN(top->size - off, BUF_SIZE), &n);
+		int st = status_above(top, base, off, top->size - off, &n);
 
+		/* data moves through the buffer; other runs go whole */
+		if ((st & (BLK_STAT_ALLOCATED | BLK_STAT_ZERO)) ==
+		    BLK_STAT_ALLOCATED)
+			n = MIN(n, BUF_SIZE);
 		if (st < 0) {
 			ret = st;
 			what = "reading the block status";

@@ -103,6 +103,26 @@ static int read_view(struct blk *img, uint64_t off, uint8_t *buf,
 	return n == 0;
 }
 
+/* Does img (NULL: none) read as zero over all of [off, off+len)? Asks
+ * the block status only, so zero ranges cost no reads. */
+static bool reads_zero(struct blk *img, uint64_t off, uint64_t len)
+{
+	while (img && len && off < img->size) {
+		struct bfile *mf;
+		uint64_t n, map;
+		int depth, st;
+
+		st = blk_block_status_above(img, NULL, off,
+					    MIN(len, img->size - off), &n,
+					    &map, &mf, &depth);
+		if (st < 0 || !(st & BLK_STAT_ZERO))
+			return false;
+		off += n;
+		len -= n;
+	}
+	return true;
+}
+
 /* Makes the top itself hold [off, off+len) wherever the old and the new
  * backing file differ there, in whole 512-byte sectors as qemu-img. */
 static void merge_piece(struct blk *bs, struct blk *old, struct blk *new,
@@ -111,6 +131,8 @@ static void merge_piece(struct blk *bs, struct blk *old, struct blk *new,
 	int old_zero, ret;
 	uint64_t i = 0;
 
+	if (reads_zero(old, off, len) && reads_zero(new, off, len))
+		return;
 	old_zero = read_view(old, off, bo, len);
 	if (old_zero < 0)
 		fail(bs, "error while reading from old backing file");
