@@ -54,6 +54,10 @@ int qcow2_change_backing(struct blk *bs, const char *file, const char *fmt,
 	memcpy(hc, old, s->header_length);
 	p = s->header_length;
 	if (file && file[0] && fmt) {
+		if (p + 8 + ALIGN_UP(mlen, 8) + 8 > cs) {
+			ret = -ENOSPC;
+			goto out;
+		}
 		st_be32(hc + p, QCOW2_EXT_BACKING_FMT);
 		st_be32(hc + p + 4, (uint32_t)mlen);
 		memcpy(hc + p + 8, fmt, mlen);
@@ -74,6 +78,10 @@ int qcow2_change_backing(struct blk *bs, const char *file, const char *fmt,
 			p += sz;
 		}
 		q += sz;
+	}
+	if (p + 8 > cs) {
+		ret = -ENOSPC;
+		goto out;
 	}
 	p += 8;			/* end of extensions: type 0, length 0 */
 	if (file && file[0]) {
