@@ -430,6 +430,9 @@ static int process_data(struct worker *w, const struct chunk *ch)
 					      (size_t)c->cluster);
 			if (cl == -ENOSPC) {	/* does not shrink */
 				ret = add_seg(w, SEG_DATA, off, n, pos, 0);
+			} else if (cl == -ENOTSUP || cl == 0) {
+				/* the driver compresses it itself */
+				ret = add_seg(w, SEG_COMP, off, n, pos, 0);
 			} else if (cl < 0) {
 				fail(c, (int)cl, "error while compressing at "
 				     "byte %llu: %s", (unsigned long long)off,
@@ -690,7 +693,7 @@ static int commit(struct worker *w, const struct chunk *ch)
 			break;
 		case SEG_COMP:
 			rate_wait(c, s->len);
-			if (c->precompress) {
+			if (s->clen) {
 				if (t->drv->caps & BLK_CAP_THREADSAFE)
 					ret = t->drv->write_precompressed(t,
 						s->off, w->cbuf + s->boff,

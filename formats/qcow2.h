@@ -197,6 +197,11 @@ int qcow2_block_status(struct blk *bs, uint64_t off, uint64_t len,
 		       uint64_t *pnum, uint64_t *map, struct bfile **mfile);
 int qcow2_write_compressed(struct blk *bs, uint64_t off, const void *buf,
 			   size_t len);
+/* its two halves, for convert's workers (blk_driver.h) */
+long qcow2_compress_cluster(struct blk *bs, void *dst, size_t dstlen,
+			    const void *src, size_t len);
+int qcow2_write_precompressed(struct blk *bs, uint64_t off, const void *cbuf,
+			      size_t clen);
 /* compressed descriptor -> host offset and byte length */
 void qcow2_compressed_range(const struct qcow2 *s, uint64_t desc,
 			    uint64_t *off, uint64_t *len);

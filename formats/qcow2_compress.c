@@ -4,6 +4,9 @@
 //format:PART(qcow2)
 
 #include <errno.h>
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdlib.h>
 #include <zlib.h>
 #include "qcow2.h"
 
@@ -50,4 +53,61 @@ long qcow2_deflate(const uint8_t *in, size_t inlen, uint8_t *out,
 	if (ret != Z_STREAM_END)
 		return -ENOSPC;
 	return n;
+}
+
+/* img-convert's workers compress one cluster after another: each thread
+ * keeps one deflate state (deflateReset) instead of allocating zlib's
+ * few hundred KiB, and faulting them in, for every cluster. */
+static pthread_key_t z_key;
+static bool z_key_ok;
+static pthread_once_t z_once = PTHREAD_ONCE_INIT;
+
+static void z_free(void *p)
+{
+	deflateEnd(p);
+	free(p);
+}
+
+static void z_key_init(void)
+{
+	z_key_ok = pthread_key_create(&z_key, z_free) == 0;
+}
+
+long qcow2_compress_cluster(struct blk *bs, void *dst, size_t dstlen,
+			    const void *src, size_t len)
+{
+	const struct qcow2 *s = qcow2_state(bs);
+	z_stream *z;
+	long n;
+	int ret;
+
+	if (s->compression_type != 0)
+		return -ENOTSUP;	/* zstd: write_compressed says why */
+	pthread_once(&z_once, z_key_init);
+	z = z_key_ok ? pthread_getspecific(z_key) : NULL;
+	if (!z) {
+		z = calloc(1, sizeof(*z));
+		if (!z)
+			return -ENOMEM;
+		if (deflateInit2(z, Z_DEFAULT_COMPRESSION, Z_DEFLATED, -12, 9,
+				 Z_DEFAULT_STRATEGY) != Z_OK) {
+			free(z);
+			return -ENOMEM;
+		}
+		if (!z_key_ok || pthread_setspecific(z_key, z)) {
+			/* no slot: a one-off stream */
+			n = qcow2_deflate(src, len, dst, dstlen);
+			z_free(z);
+			return n < 0 ? -ENOSPC : n;
+		}
+	} else if (deflateReset(z) != Z_OK) {
+		return -ENOMEM;
+	}
+	z->next_in = (Bytef *)(uintptr_t)src;
+	z->avail_in = (uInt)len;
+	z->next_out = dst;
+	z->avail_out = (uInt)dstlen;
+	ret = deflate(z, Z_FINISH);
+	n = (long)(dstlen - z->avail_out);
+	return ret == Z_STREAM_END ? n : -ENOSPC;
 }

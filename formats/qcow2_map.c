@@ -796,3 +796,42 @@ out:
 	free(out);
 	return ret;
 }
+
+/* The second half of qcow2_write_compressed for img-convert, which
+ * compresses in its workers (qcow2_compress_cluster, without bs->lock) and
+ * commits in order (blk_driver.h: compress / write_precompressed). */
+int qcow2_write_precompressed(struct blk *bs, uint64_t off, const void *cbuf,
+			      size_t clen)
+{
+	struct qcow2 *s = qcow2_state(bs);
+	uint64_t cs = s->cluster_size, e, nsec, old;
+	unsigned idx, x = 62 - (s->cluster_bits - 8);
+	uint8_t *tbl;
+	int64_t h;
+	int ret;
+
+	if (s->read_only)
+		return -EACCES;
+	if ((off & (cs - 1)) || !clen || clen >= cs ||
+	    s->compression_type != 0)
+		return -EINVAL;
+	ret = qcow2_l2_get(bs, off, true, &tbl, &idx);
+	if (ret < 0)
+		return ret;
+	h = qcow2_alloc_bytes(bs, (uint64_t)clen);
+	if (h < 0)
+		return (int)h;
+	ret = bfile_pwrite(bs->file, (uint64_t)h, cbuf, clen);
+	if (ret < 0)
+		return ret;
+	nsec = (((uint64_t)h + (uint64_t)clen - 1) >> 9) - ((uint64_t)h >> 9);
+	e = (uint64_t)h | nsec << x | QCOW2_OFLAG_COMPRESSED;
+	/* the allocation may have evicted the L2 table: look it up again */
+	ret = qcow2_l2_get(bs, off, true, &tbl, &idx);
+	if (ret < 0)
+		return ret;
+	old = l2e(s, tbl, idx);
+	l2_set(s, tbl, idx, e, 0);
+	qcow2_cache_dirty(&s->l2c, tbl);
+	return free_old(bs, &old, 1);
+}
