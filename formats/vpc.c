@@ -74,6 +74,7 @@ struct vpc_state {
 	uint64_t bat_off;
 	uint64_t free_off;		/* where the next block goes */
 	uint32_t *bat;			/* host-endian, sectors */
+	bool overlap;			/* blocks or BAT over metadata */
 };
 
 static const struct optdesc vpc_create_opts[] = {
@@ -133,6 +134,11 @@ static uint64_t vpc_sectors(const uint8_t *ft)
 	if (use_size || chs == VHD_MAX_GEOMETRY)
 		return ld_be64(ft + FT_CUR_SIZE) / 512;
 	return chs;
+}
+
+static bool ranges_meet(uint64_t a, uint64_t alen, uint64_t b, uint64_t blen)
+{
+	return a < b + blen && b < a + alen;
 }
 
 static int vpc_open_dynamic(struct blk *bs, uint64_t sectors,
@@ -209,16 +215,25 @@ static int vpc_open_dynamic(struct blk *bs, uint64_t sectors,
 	/* New blocks go after the table and after the last block. */
 	s->free_off = ALIGN_UP(s->bat_off + bat_len, 512);
 	for (uint32_t i = 0; i < s->entries; i++) {
-		uint64_t end;
+		uint64_t start, end;
 
 		s->bat[i] = ld_be32(&s->bat[i]);
 		if (s->bat[i] == VHD_UNALLOCATED)
 			continue;
-		end = (uint64_t)s->bat[i] * 512 + s->bitmap_size +
-		      s->block_size;
+		start = (uint64_t)s->bat[i] * 512;
+		end = start + s->bitmap_size + s->block_size;
 		if (end > s->free_off)
 			s->free_off = end;
+		/* qemu reads such images; writing them would destroy
+		 * metadata. */
+		if (ranges_meet(start, end - start, 0, FT_LEN) ||
+		    ranges_meet(start, end - start, hoff, DH_LEN) ||
+		    ranges_meet(start, end - start, s->bat_off, bat_len))
+			s->overlap = true;
 	}
+	if (ranges_meet(s->bat_off, bat_len, 0, FT_LEN) ||
+	    ranges_meet(s->bat_off, bat_len, hoff, DH_LEN))
+		s->overlap = true;
 	if (s->free_off > fsize)
 		goto truncated;
 	return 0;
@@ -377,6 +392,11 @@ static int vpc_pwrite(struct blk *bs, uint64_t off, const void *buf,
 
 	if (s->fixed)
 		return bfile_pwrite(bs->file, off, buf, len);
+	if (s->overlap) {
+		snprintf(bs->errmsg, sizeof(bs->errmsg), "VHD blocks or "
+			 "block allocation table overlap the headers");
+		return -EIO;
+	}
 	while (len) {
 		uint64_t n = len, host;
 		int ret;
