@@ -156,29 +156,49 @@ static uint64_t src_end(const struct conv *c, int i)
 	return c->src_start[i] + c->o->src[i]->size;
 }
 
-/* Read with --salvage: sector by sector, zeroes where reading fails. */
+/* Read with --salvage: sector by sector, zeroes where reading fails; one
+ * warning per unreadable run. */
+static void salvage_warn(struct worker *w, struct blk *bs, uint64_t off,
+			 uint64_t len, int err)
+{
+	struct conv *c = w->c;
+
+	if (!c->o->warn)
+		return;
+	snprintf(w->msg, sizeof(w->msg), "error while reading offset %llu of "
+		 "'%s': %s (%llu bytes filled with zeroes)",
+		 (unsigned long long)off, bs->filename, strerror(-err),
+		 (unsigned long long)len);
+	pthread_mutex_lock(&c->lock);
+	c->o->warn(c->o->opaque, w->msg);
+	pthread_mutex_unlock(&c->lock);
+}
+
 static int salvage_read(struct worker *w, struct blk *bs, uint64_t off,
 			uint8_t *buf, size_t len)
 {
-	struct conv *c = w->c;
+	uint64_t bad_off = 0, bad_len = 0;
+	int bad_err = 0;
 
 	for (size_t pos = 0; pos < len; pos += 512) {
 		size_t n = MIN((size_t)512, len - pos);
 		int ret = blk_pread(bs, off + pos, buf + pos, n);
-		if (ret < 0) {
-			memset(buf + pos, 0, n);
-			if (c->o->warn) {
-				snprintf(w->msg, sizeof(w->msg),
-					 "error while reading offset %llu of "
-					 "'%s': %s", (unsigned long long)
-					 (off + pos), bs->filename,
-					 strerror(-ret));
-				pthread_mutex_lock(&c->lock);
-				c->o->warn(c->o->opaque, w->msg);
-				pthread_mutex_unlock(&c->lock);
-			}
+
+		if (ret >= 0) {
+			if (bad_len)
+				salvage_warn(w, bs, bad_off, bad_len, bad_err);
+			bad_len = 0;
+			continue;
 		}
+		memset(buf + pos, 0, n);
+		if (!bad_len) {
+			bad_off = off + pos;
+			bad_err = ret;
+		}
+		bad_len += n;
 	}
+	if (bad_len)
+		salvage_warn(w, bs, bad_off, bad_len, bad_err);
 	return 0;
 }
 
