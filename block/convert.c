@@ -606,9 +606,12 @@ static int aio_write(struct worker *w, uint64_t off, uint8_t *buf,
 static bool aio_ok(const struct conv *c, uint64_t off, const void *buf,
 		   uint64_t len)
 {
-	unsigned a = c->o->target->file->align;
+	unsigned a;
 
-	return c->aio && IS_ALIGNED(off, a) && IS_ALIGNED(len, a) &&
+	if (!c->aio)
+		return false;
+	a = c->o->target->file->align;
+	return IS_ALIGNED(off, a) && IS_ALIGNED(len, a) &&
 	       IS_ALIGNED((uintptr_t)buf, a);
 }
 
