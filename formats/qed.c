@@ -689,6 +689,58 @@ static int qed_truncate(struct blk *bs, uint64_t size, int prealloc,
 	return ret;
 }
 
+/* Rewrites the backing file name after the header (it must fit in the
+ * header clusters) and the feature bits that go with it. */
+static int qed_change_backing(struct blk *bs, const char *file,
+			      const char *fmt, struct err *e)
+{
+	struct qed *s = bs->opaque;
+	size_t len = file ? strlen(file) : 0;
+	char *nb = NULL, *nf = NULL;
+	uint8_t loc[8];
+	int ret;
+
+	if (QED_HDR_SIZE + (uint64_t)len > s->header_end ||
+	    len > QED_MAX_BACKING_NAME) {
+		err_set(e, "No space left in the file header");
+		return -ENOSPC;
+	}
+	if (file && (!(nb = strdup(file)) ||
+		     (fmt && !(nf = strdup(fmt))))) {
+		free(nb);
+		return -ENOMEM;
+	}
+	s->features &= ~(uint64_t)(QED_F_BACKING_FILE | QED_F_BACKING_RAW);
+	if (file) {
+		s->features |= QED_F_BACKING_FILE;
+		if (fmt && !strcmp(fmt, "raw"))
+			s->features |= QED_F_BACKING_RAW;
+		ret = bfile_pwrite(bs->file, QED_HDR_SIZE, file, len);
+		if (ret < 0)
+			goto fail;
+	}
+	st_le32(loc, QED_HDR_SIZE);
+	st_le32(loc + 4, (uint32_t)len);
+	ret = bfile_pwrite(bs->file, 56, loc, 8);
+	if (ret == 0)
+		ret = qed_write_header(bs);
+	if (ret < 0)
+		goto fail;
+	free(bs->backing_file);
+	free(bs->backing_fmt);
+	bs->backing_file = nb;
+	/* QED records only "raw" as a backing format */
+	bs->backing_fmt = nf && !strcmp(nf, "raw") ? nf : NULL;
+	if (bs->backing_fmt != nf)
+		free(nf);
+	return 0;
+fail:
+	free(nb);
+	free(nf);
+	err_set(e, "%s", strerror(-ret));
+	return ret;
+}
+
 static int qed_get_info(struct blk *bs, struct blk_info *bi)
 {
 	struct qed *s = bs->opaque;
@@ -944,4 +996,5 @@ const struct blk_driver qed_driver = {
 	.create = qed_create,
 	.get_info = qed_get_info,
 	.check = qed_check,
+	.change_backing = qed_change_backing,
 };
