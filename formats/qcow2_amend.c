@@ -168,7 +168,7 @@ static int rebuild_header(struct blk *bs, uint32_t version)
 	if (!ret)
 		ret = bfile_flush(bs->file);
 	if (!ret)
-		ret = bfile_pwrite(bs->file, 0, hc, MAX(p + flen, 512));
+		ret = bfile_pwrite(bs->file, 0, hc, cs);
 	if (!ret)
 		ret = bfile_flush(bs->file);
 	if (!ret) {
