@@ -305,8 +305,12 @@ static int qed_do_open(struct blk *bs, struct err *e)
 				err_set(e, "Image corrupted");
 				return ret;
 			}
-			s->features &= ~(uint64_t)QED_F_NEED_CHECK;
-			dirty = true;
+			/* the mark stays while something is left unfixed */
+			if (r.corruptions == r.corruptions_fixed &&
+			    !r.check_errors) {
+				s->features &= ~(uint64_t)QED_F_NEED_CHECK;
+				dirty = true;
+			}
 		}
 		if (dirty) {
 			ret = qed_write_header(bs);
