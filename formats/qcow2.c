@@ -177,6 +177,11 @@ static int read_extensions(struct blk *bs, const uint8_t *hc, uint64_t start,
 			break;
 		case QCOW2_EXT_BITMAPS:
 			s->has_bitmaps = true;
+			if (len >= 24) {
+				s->bm_nb = ld_be32(d);
+				s->bm_dir_size = ld_be64(d + 8);
+				s->bm_dir_off = ld_be64(d + 16);
+			}
 			break;
 		case QCOW2_EXT_CRYPTO:
 			s->has_crypto_ext = true;
@@ -559,6 +564,53 @@ static int qcow2_flush(struct blk *bs)
 	return bfile_flush(bs->file);
 }
 
+/* The bitmap directory as info lists it (qcow2.txt, "Bitmap directory"):
+ * name, granularity and flags of each bitmap. */
+static void bitmaps_info(struct blk *bs, struct val *d)
+{
+	struct qcow2 *s = qcow2_state(bs);
+	uint64_t n = s->bm_dir_size, p = 0;
+	uint8_t *dir;
+	struct val *arr;
+
+	if (!s->has_bitmaps || !(s->autoclear & QCOW2_AUTOCLEAR_BITMAPS) ||
+	    !s->bm_nb || n < 24 || n > QCOW2_MAX_SN_TABLE)
+		return;
+	dir = malloc(n);
+	if (!dir)
+		return;
+	if (bfile_pread(bs->file, s->bm_dir_off, dir, n) < 0)
+		goto out;
+	arr = val_add_arr(d, "bitmaps");
+	for (uint32_t i = 0; i < s->bm_nb && arr && p + 24 <= n; i++) {
+		uint32_t flags = ld_be32(dir + p + 12);
+		unsigned gbits = dir[p + 17];
+		uint32_t nl = ld_be16(dir + p + 18);
+		uint32_t extra = ld_be32(dir + p + 20);
+		struct val *o, *f;
+		char *name;
+
+		if (extra > n || nl > n || p + 24 + extra + nl > n || gbits > 63)
+			break;
+		o = val_add_obj(arr, NULL);
+		if (!o)
+			break;
+		f = val_add_arr(o, "flags");
+		if (f && (flags & 1))
+			val_add_str(f, NULL, "in-use");
+		if (f && (flags & 2))
+			val_add_str(f, NULL, "auto");
+		name = strndup((char *)dir + p + 24 + extra, nl);
+		if (name)
+			val_add_str(o, "name", name);
+		free(name);
+		val_add_uint(o, "granularity", 1ULL << gbits);
+		p = ALIGN_UP(p + 24 + extra + nl, 8);
+	}
+out:
+	free(dir);
+}
+
 static int qcow2_get_info(struct blk *bs, struct blk_info *bi)
 {
 	struct qcow2 *s = qcow2_state(bs);
@@ -579,6 +631,7 @@ static int qcow2_get_info(struct blk *bs, struct blk_info *bi)
 	if (s->version >= 3)
 		val_add_bool(d, "lazy-refcounts",
 			     s->compat & QCOW2_COMPAT_LAZY);
+	bitmaps_info(bs, d);
 	val_add_uint(d, "refcount-bits", 1u << s->refcount_order);
 	if (s->version >= 3) {
 		val_add_bool(d, "corrupt",

@@ -130,6 +130,8 @@ struct qcow2 {
 	struct qcow2_snapshot *sn;
 
 	bool has_bitmaps;
+	uint32_t bm_nb;			/* bitmaps extension, kept as is */
+	uint64_t bm_dir_size, bm_dir_off;
 	bool has_datafile;
 	bool has_crypto_ext;
 	char *datafile_name;
