@@ -842,6 +842,10 @@ int convert_run_stats(const struct convert_opts *o, struct convert_stats *st,
 	    !bi.cluster_size)
 		c.align = 4096;	/* raw and friends: no cluster to respect */
 	c.chunk_max = (size_t)ALIGN_UP(CHUNK_MAX, c.align);
+	/* compressing workers hold the compressed copy too: smaller chunks
+	 * keep the memory bound (workers x 2 x chunk) near qemu-img's */
+	if (o->compress)
+		c.chunk_max = (size_t)MIN((uint64_t)c.chunk_max, 4 * c.cluster);
 	c.precompress = o->compress && t->drv->compress &&
 			t->drv->write_precompressed;
 	c.use_copy_range = o->copy_range && !o->compress &&
