@@ -80,8 +80,12 @@ printf 'imgbox: %s\nqemu-img: %s\ncorpus: %s (%s MiB virtual, %s MiB allocated),
 	"$IMGBOX" "$("$QEMU_IMG" --version | head -1)" "$DIR/disk.raw" \
 	"$(( $(stat -c %s disk.raw) >> 20 ))" \
 	"$(( $(stat -c %b disk.raw) * 512 >> 20 ))" "$PAIRS" "$(nproc)"
-printf 'physical limit (cp --sparse=always disk.raw): %ss median\n\n' \
+printf 'physical limit (cp --sparse=always disk.raw): %ss median\n' \
 	"$(median "${ref[@]}")"
+printf 'load average at start: %s (other work on the machine skews wall times;\n' \
+	"$(cut -d' ' -f1-3 /proc/loadavg)"
+printf 'the CPU column is the steadier comparison)\n\n'
+
 printf '%-20s %8s %8s %6s | %8s %8s %9s | %9s %9s | %9s %9s\n' \
 	case imgbox qemu-img ratio "cpu ib" "cpu qi" "" "rss ib" "rss qi" \
 	"alloc ib" "alloc qi"
@@ -115,3 +119,4 @@ for c in "${CASES[@]}"; do
 		"$(mib "$ia")" "$(mib "$qa")"
 done
 rm -f out/o.*
+printf '\nload average at end: %s\n' "$(cut -d' ' -f1-3 /proc/loadavg)"
