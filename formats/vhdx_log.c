@@ -157,6 +157,14 @@ static int log_apply(struct log_ctx *c, const struct log_entry *le,
 	return ret;
 }
 
+static int by_seq_desc(const void *a, const void *b, void *arg)
+{
+	const uint64_t *seqs = arg;
+	uint64_t x = seqs[*(const uint64_t *)a], y = seqs[*(const uint64_t *)b];
+
+	return x < y ? 1 : x > y ? -1 : 0;
+}
+
 int vhdx_log_open(struct blk *bs, struct err *e)
 {
 	struct vhdx *s = bs->opaque;
@@ -164,8 +172,10 @@ int vhdx_log_open(struct blk *bs, struct err *e)
 	static const uint8_t zero[16];
 	struct log_ctx c = { bs, h + 48, ld_le64(h + 72), ld_le32(h + 68) };
 	struct log_entry le, head = { 0 };
-	uint64_t pos, nsec, steps;
-	uint8_t *data;
+	uint64_t pos, nsec, steps, nvalid = 0, start = 0;
+	uint64_t *seqs = NULL, *order = NULL;
+	uint32_t *lens = NULL;
+	uint8_t *data, *first = NULL;
 	int ret;
 
 	if (!memcmp(c.guid, zero, 16))
@@ -175,31 +185,71 @@ int vhdx_log_open(struct blk *bs, struct err *e)
 	    c.len > VHDX_MAX_LOG) {
 		return vhdx_fail(bs, e, -EINVAL);
 	}
-	/* The head is the valid entry with the highest sequence number. */
+	/* One pass over the log: which sectors start a valid entry. */
 	nsec = c.len / LOG_SECTOR;
+	seqs = calloc(nsec, sizeof(*seqs));
+	lens = calloc(nsec, sizeof(*lens));
+	first = calloc(nsec, sizeof(*first));
+	order = calloc(nsec, sizeof(*order));
+	if (!seqs || !lens || !first || !order) {
+		ret = vhdx_fail(bs, e, -ENOMEM);
+		goto out;
+	}
 	for (pos = 0; pos < c.len; pos += LOG_SECTOR) {
 		ret = log_entry_at(&c, pos, &le, &data);
-		if (ret < 0)
-			return ret;
+		if (ret < 0) {
+			vhdx_fail(bs, e, ret);
+			goto out;
+		}
 		free(data);
-		if (ret && le.seq > head.seq)
+		if (!ret)
+			continue;
+		seqs[pos / LOG_SECTOR] = le.seq;
+		lens[pos / LOG_SECTOR] = le.len;
+		order[nvalid++] = pos / LOG_SECTOR;
+		if (le.seq > head.seq)
 			head = le;
 	}
+	ret = 0;
 	if (!head.seq)
-		return 0;	/* nothing was logged: nothing to replay */
+		goto out;	/* nothing was logged: nothing to replay */
 	if (!(bs->flags & BLK_O_RDWR)) {
 		err_set(e, "VHDX image file '%s' opened read-only, but "
 			"contains a log that needs to be replayed\nTo replay "
 			"the log, run:\nqemu-img check -r all '%s'",
 			bs->filename, bs->filename);
-		return -EPERM;
+		ret = -EPERM;
+		goto out;
 	}
-	/* Replay from the tail the head names, entry after entry with
-	 * consecutive sequence numbers, up to the head. */
-	pos = head.tail;
+	/* The active sequence ends at the head: walking down the sequence
+	 * numbers, each entry whose successor (the entry right after it,
+	 * one sequence number up) is in the head's run joins it; the run's
+	 * first entry is where replay starts. Sequence numbers grow along a
+	 * run, so sorting by them settles successors first. */
+	qsort_r(order, nvalid, sizeof(*order), by_seq_desc, seqs);
+	for (uint64_t k = 0; k < nvalid; k++) {
+		uint64_t i = order[k];
+		uint64_t nx = (i * LOG_SECTOR + lens[i]) % c.len / LOG_SECTOR;
+
+		if (i * LOG_SECTOR == head.pos)
+			first[i] = 1;
+		else if (seqs[nx] && seqs[nx] == seqs[i] + 1 && first[nx])
+			first[i] = 1;
+		if (first[i])
+			start = i * LOG_SECTOR;	/* lowest sequence so far */
+	}
+	/* MS-VHDX: replay starts at the tail the head names; entries before
+	 * it were applied already. A tail outside the run is ignored, as
+	 * QEMU does, and the whole run is replayed (in order, which leaves
+	 * the same result). */
+	if (first[head.tail / LOG_SECTOR])
+		start = head.tail;
+	pos = start;
 	ret = log_entry_at(&c, pos, &le, &data);
 	if (ret <= 0) {
-		return vhdx_fail(bs, e, ret < 0 ? ret : -EINVAL);
+		vhdx_fail(bs, e, ret < 0 ? ret : -EINVAL);
+		ret = ret < 0 ? ret : -EINVAL;
+		goto out;
 	}
 	for (steps = 0; ; steps++) {
 		uint64_t seq = le.seq, next;
@@ -209,42 +259,46 @@ int vhdx_log_open(struct blk *bs, struct err *e)
 		if (ret < 0) {
 			err_set(e, "Could not replay VHDX log: %s",
 				strerror(-ret));
-			return ret;
+			goto out;
 		}
 		if (le.pos == head.pos && seq == head.seq)
 			break;
-		if (steps > nsec) {
-			return vhdx_fail(bs, e, -EINVAL);
-		}
 		next = (le.pos + le.len) % c.len;
-		ret = log_entry_at(&c, next, &le, &data);
-		if (ret < 0)
-			return ret;
-		if (!ret || le.seq != seq + 1) {
-			free(data);
-			return vhdx_fail(bs, e, -EINVAL);
+		ret = steps > nsec ? 0 : log_entry_at(&c, next, &le, &data);
+		if (ret <= 0 || le.seq != seq + 1) {
+			if (ret > 0)
+				free(data);
+			ret = vhdx_fail(bs, e, ret < 0 ? ret : -EINVAL);
+			goto out;
 		}
 	}
 	/* the file must be as long as the newest entry says it was */
 	if (head.last > s->file_size && head.last <= VHDX_MAX_FILE) {
 		ret = bfile_truncate(bs->file, head.last, PREALLOC_OFF, e);
 		if (ret < 0)
-			return ret;
+			goto out;
 		s->file_size = head.last;
 	}
 	ret = bfile_flush(bs->file);
 	if (ret == 0) {
 		int64_t fsize = bfile_size(bs->file);
-		if (fsize < 0)
-			return vhdx_fail(bs, e, (int)fsize);
+		if (fsize < 0) {
+			ret = vhdx_fail(bs, e, (int)fsize);
+			goto out;
+		}
 		s->file_size = (uint64_t)fsize;
 		ret = vhdx_update_headers(bs, true);
 	}
 	if (ret < 0) {
 		err_set(e, "Could not update VHDX headers after log replay: "
 			"%s", strerror(-ret));
-		return ret;
+		goto out;
 	}
 	s->log_replayed = true;
-	return 0;
+out:
+	free(seqs);
+	free(lens);
+	free(first);
+	free(order);
+	return ret;
 }
