@@ -274,6 +274,11 @@ int qcow2_pread(struct blk *bs, uint64_t off, void *buf, size_t len)
 	uint8_t *p = buf;
 	int ret;
 
+	/* info works on encrypted images; their data cannot be read */
+	if (s->crypt_method)
+		return qcow2_set_errmsg(bs, -ENOTSUP, "Encrypted images are "
+					"not supported in this build");
+
 	while (len) {
 		uint64_t n, h;
 		enum qcow2_type t;
@@ -344,6 +349,10 @@ int qcow2_block_status(struct blk *bs, uint64_t off, uint64_t len,
 {
 	uint64_t done = 0, h0 = 0;
 	int st0 = -1;
+
+	if (qcow2_state(bs)->crypt_method)
+		return qcow2_set_errmsg(bs, -ENOTSUP, "Encrypted images are "
+					"not supported in this build");
 
 	while (done < len) {
 		uint64_t n, h;
@@ -709,6 +718,7 @@ int qcow2_discard(struct blk *bs, uint64_t off, uint64_t len)
 	struct qcow2 *s = qcow2_state(bs);
 	uint64_t cs = s->cluster_size;
 	uint64_t a = ALIGN_UP(off, cs), b = ALIGN_DOWN(off + len, cs);
+	int ret;
 
 	if (s->read_only)
 		return -EACCES;
@@ -716,7 +726,8 @@ int qcow2_discard(struct blk *bs, uint64_t off, uint64_t len)
 		b = ALIGN_UP(bs->size, cs);
 	if (a >= b)
 		return 0;
-	return zero_units(bs, a, b - a, false);
+	ret = zero_units(bs, a, b - a, false);
+	return ret == -ENOTSUP ? 0 : ret;	/* discard is advisory */
 }
 
 int qcow2_write_compressed(struct blk *bs, uint64_t off, const void *buf,
