@@ -280,6 +280,25 @@ static int caches_init(struct blk *bs)
 	return qcow2_cache_init(&s->rbc, nrb, cs);
 }
 
+/* Everything qcow2_open allocates; the block layer does not call close
+ * after a failed open. */
+static void free_state(struct qcow2 *s)
+{
+	qcow2_cache_free(&s->l2c);
+	qcow2_cache_free(&s->rbc);
+	free(s->l1);
+	free(s->rt);
+	free(s->sn);
+	free(s->zc_buf);
+	free(s->zc_in);
+	free(s->datafile_name);
+	s->l1 = NULL;
+	s->rt = NULL;
+	s->sn = NULL;
+	s->zc_buf = s->zc_in = NULL;
+	s->datafile_name = NULL;
+}
+
 static int qcow2_open(struct blk *bs, struct err *e)
 {
 	struct qcow2 *s = qcow2_state(bs);
@@ -530,6 +549,8 @@ static int qcow2_open(struct blk *bs, struct err *e)
 	ret = 0;
 out:
 	free(hc);
+	if (ret < 0)
+		free_state(s);
 	return ret;
 }
 
