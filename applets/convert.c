@@ -195,6 +195,7 @@ int convert_main(int argc, char **argv)
 	bool skip_create = HAS(n), created = false;
 	char num[32];
 
+	signal(SIGUSR1, on_usr1);	/* never the default: it kills */
 	src_fmt = HAS(f) ? ARG(f) : NULL;
 	out_fmt = HAS(O) ? ARG(O) : "raw";
 	base = HAS(B) ? ARG(B) : NULL;
@@ -355,7 +356,6 @@ int convert_main(int argc, char **argv)
 	show_progress = HAS(p) && !HAS(q);
 	co.progress = progress;
 	co.warn = HAS(q) ? NULL : warn;
-	signal(SIGUSR1, on_usr1);
 
 	ret = convert_run(&co, &e);
 	if (ret < 0) {
