@@ -38,6 +38,9 @@ CFLAGS="-std=gnu11 -D_GNU_SOURCE -pthread -I$(dirname "$GEN") -Iinclude
 	-g -O1 -fno-omit-frame-pointer -fno-sanitize-recover=undefined"
 SAN=address,undefined
 LIBS="-lz -laio -lpthread"
+# fuzz_open.c vets every open() of the drivers (only its private copy may be
+# opened for writing), see __wrap_open there.
+LDWRAP="-Wl,--wrap=open"
 mkdir -p "$OUT/obj" "$OUT/corpus" "$OUT/work" "$OUT/artifacts"
 
 # libFuzzer ships with clang's runtime (Debian: libclang-rt-14-dev).
@@ -76,7 +79,7 @@ for fmt in $FORMATS probe; do
 	echo "  FUZZLD  $OUT/fuzz_$fmt"
 	# shellcheck disable=SC2086
 	"$CC" $CFLAGS -fsanitize=fuzzer,$SAN -DFUZZ_FORMAT="$def" \
-		fuzz/fuzz_open.c $OBJS $LIBS -o "$OUT/fuzz_$fmt"
+		fuzz/fuzz_open.c $OBJS $LIBS $LDWRAP -o "$OUT/fuzz_$fmt"
 done
 
 # ---- seeds: committed ones, plus images made by qemu-img ----

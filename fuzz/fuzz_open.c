@@ -1,6 +1,9 @@
 /* fuzz_open.c - libFuzzer target: open the input as an image of one format
  * (FUZZ_FORMAT, fixed at compile time; NULL: whatever probing guesses),
  * read its virtual disk, walk its block status, ask for its info, close it.
+ * Then, on a private copy: the format's check without and with repair, and
+ * (formats that write) a few writes, zero writes and a discard at offsets
+ * derived from the input, a flush, a close, and a reopen that reads back.
  *
  * The rule it checks (DESIGN.md): a hostile image gives an error, never a
  * crash, hang, leak or huge allocation. The work per input is bounded so
@@ -12,8 +15,10 @@
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <stdarg.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #include "blk_driver.h"
 
@@ -25,44 +30,96 @@
 #define READ_BUDGET	(4u << 20)	/* bytes read per input */
 #define STATUS_STEPS	2048		/* block-status calls per input */
 
-static int fd = -1;
-static char path[64];
+#define WRITE_SPAN	(4u << 20)	/* writes land in the first/last 4 MiB */
+#define WRITE_MAX	(64 * 1024)	/* bytes per write */
+#define ZERO_MAX	(1u << 20)	/* bytes per zero write / discard */
+
+/* The input read-only (fd, path), and a private copy that the check and
+ * write stages may change (wfd, wpath). */
+static int fd = -1, wfd = -1;
+static char path[64], wpath[64];
 static bool is_temp;
 
 static void remove_temp(void)
 {
-	if (is_temp)
+	if (is_temp) {
 		unlink(path);
+		unlink(wpath);
+	}
 }
 
-/* The image lives in a memfd (no disk traffic), reopened by name through
+/* One image file: a memfd (no disk traffic), reopened by name through
  * /proc since blk_open takes a file name; a temporary file otherwise. */
-static int setup(void)
+static int make_file(int *pfd, char *name, size_t size)
 {
-	fd = memfd_create("fuzz-image", 0);
-	if (fd >= 0) {
-		snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
-		if (access(path, R_OK) == 0)
+	*pfd = memfd_create("fuzz-image", 0);
+	if (*pfd >= 0) {
+		snprintf(name, size, "/proc/self/fd/%d", *pfd);
+		if (access(name, R_OK) == 0)
 			return 0;
-		close(fd);
+		close(*pfd);
 	}
-	snprintf(path, sizeof(path), "/tmp/imgbox-fuzz-XXXXXX");
-	fd = mkstemp(path);
-	if (fd < 0)
+	snprintf(name, size, "/tmp/imgbox-fuzz-XXXXXX");
+	*pfd = mkstemp(name);
+	if (*pfd < 0)
 		return -1;
+	if (!is_temp)
+		atexit(remove_temp);
 	is_temp = true;
-	atexit(remove_temp);
 	return 0;
 }
 
-static int put_input(const uint8_t *data, size_t size)
+static int setup(void)
+{
+	if (make_file(&fd, path, sizeof(path)) < 0 ||
+	    make_file(&wfd, wpath, sizeof(wpath)) < 0)
+		return -1;
+	return 0;
+}
+
+/* Every file the drivers open goes through here (fuzz/build.sh links with
+ * -Wl,--wrap=open): an input may name other files (VMDK extents), and
+ * those must not be host files opened for writing, nor FIFOs or devices
+ * that block or are huge. Only the private copy may be written; other
+ * names open read-only, and only when they are regular files. */
+int __real_open(const char *name, int flags, ...);
+int __wrap_open(const char *name, int flags, ...);
+
+int __wrap_open(const char *name, int flags, ...)
+{
+	struct stat st;
+	mode_t mode = 0;
+
+	if (flags & O_CREAT) {
+		va_list ap;
+
+		va_start(ap, flags);
+		mode = (mode_t)va_arg(ap, int);
+		va_end(ap);
+	}
+	if (strcmp(name, wpath) != 0) {
+		if ((flags & (O_ACCMODE | O_CREAT | O_TRUNC)) != O_RDONLY) {
+			errno = EACCES;
+			return -1;
+		}
+		if (stat(name, &st) < 0)
+			return -1;
+		if (!S_ISREG(st.st_mode)) {
+			errno = EACCES;
+			return -1;
+		}
+	}
+	return __real_open(name, flags, mode);
+}
+
+static int put_file(int f, const uint8_t *data, size_t size)
 {
 	size_t done = 0;
 
-	if (ftruncate(fd, 0) < 0)
+	if (ftruncate(f, 0) < 0)
 		return -1;
 	while (done < size) {
-		ssize_t n = pwrite(fd, data + done, size - done, (off_t)done);
+		ssize_t n = pwrite(f, data + done, size - done, (off_t)done);
 		if (n <= 0)
 			return -1;
 		done += (size_t)n;
@@ -135,23 +192,181 @@ static void exercise(struct blk *bs)
 	free(buf);
 }
 
+/* A small deterministic generator seeded from the input, so that a crash
+ * reproduces from the input alone. */
+static uint64_t rng;
+
+static uint64_t next_rand(void)
+{
+	rng ^= rng << 13;
+	rng ^= rng >> 7;
+	rng ^= rng << 17;
+	return rng;
+}
+
+static void seed_rand(const uint8_t *data, size_t size)
+{
+	rng = 0xcbf29ce484222325ull;
+	for (size_t i = 0; i < size; i++)
+		rng = (rng ^ data[i]) * 0x100000001b3ull;
+	rng |= 1;
+}
+
+/* An offset in the first or the last WRITE_SPAN bytes of the disk, or
+ * anywhere in it; sometimes sector-aligned, sometimes not. */
+static uint64_t pick_offset(uint64_t size)
+{
+	uint64_t r = next_rand(), off;
+
+	if (!size)
+		return 0;
+	switch (r % 3) {
+	case 0:
+		off = (r >> 8) % MIN(size, (uint64_t)WRITE_SPAN);
+		break;
+	case 1:
+		off = size - 1 - (r >> 8) % MIN(size, (uint64_t)WRITE_SPAN);
+		break;
+	default:
+		off = (r >> 8) % size;
+		break;
+	}
+	if (r & 0x10000)
+		off = ALIGN_DOWN(off, 512);
+	return off;
+}
+
+/* Reopen the private copy and read a little of it: what the writes or the
+ * repair left must open, or fail cleanly. */
+static void reopen_and_read(const char *fmt)
+{
+	struct blk *bs;
+	struct err e = { "" };
+	uint8_t *buf;
+	uint64_t budget = READ_BUDGET / 4;
+
+	if (blk_open(&bs, wpath, fmt, BLK_O_NO_BACKING | BLK_O_SHARE,
+		     CACHE_WRITEBACK, &e) < 0)
+		return;
+	buf = blk_alloc_buf(CHUNK);
+	if (buf) {
+		read_range(bs, buf, 0, MIN(bs->size, (uint64_t)WRITE_SPAN / 4),
+			   &budget);
+		if (bs->size > CHUNK)
+			read_range(bs, buf, bs->size - CHUNK, CHUNK, &budget);
+		free(buf);
+	}
+	blk_close(bs);
+}
+
+/* check, then check -r all, then check again, as qemu-img check does. */
+static void check_stage(const uint8_t *data, size_t size, const char *fmt)
+{
+	struct check_result r;
+	struct blk *bs;
+	struct err e = { "" };
+
+	if (put_file(wfd, data, size) < 0)
+		return;
+	if (blk_open(&bs, wpath, fmt, BLK_O_CHECK | BLK_O_NO_BACKING |
+		     BLK_O_SHARE, CACHE_WRITEBACK, &e) == 0) {
+		memset(&r, 0, sizeof(r));
+		bs->drv->check(bs, &r, 0);
+		blk_close(bs);
+	}
+	if (!(blk_find_driver(fmt)->caps & BLK_CAP_WRITE))
+		return;
+	if (blk_open(&bs, wpath, fmt, BLK_O_CHECK | BLK_O_RDWR |
+		     BLK_O_NO_BACKING | BLK_O_SHARE, CACHE_WRITEBACK, &e) < 0)
+		return;
+	memset(&r, 0, sizeof(r));
+	if (bs->drv->check(bs, &r, CHECK_FIX_LEAKS | CHECK_FIX_ERRORS) == 0 &&
+	    (r.corruptions_fixed || r.leaks_fixed)) {
+		memset(&r, 0, sizeof(r));
+		bs->drv->check(bs, &r, 0);
+	}
+	blk_close(bs);
+	reopen_and_read(fmt);
+}
+
+/* A few writes, zero writes and a discard on the private copy. */
+static void write_stage(const uint8_t *data, size_t size, const char *fmt)
+{
+	struct blk *bs;
+	struct err e = { "" };
+	uint8_t *buf;
+
+	if (put_file(wfd, data, size) < 0)
+		return;
+	if (blk_open(&bs, wpath, fmt, BLK_O_RDWR | BLK_O_NO_BACKING |
+		     BLK_O_SHARE, CACHE_WRITEBACK, &e) < 0)
+		return;
+	buf = blk_alloc_buf(WRITE_MAX);
+	if (!buf)
+		goto out;
+	seed_rand(data, size);
+	memset(buf, 0x5a, WRITE_MAX);
+	for (int i = 0; i < 6 && bs->size; i++) {
+		uint64_t r = next_rand(), off = pick_offset(bs->size), len;
+
+		switch (i) {
+		case 2:
+		case 4:
+			len = 1 + (r >> 4) % ZERO_MAX;
+			len = MIN(len, bs->size - off);
+			blk_pwrite_zeroes(bs, off, len,
+					  (r & 1) ? BLK_ZERO_MAY_UNMAP : 0);
+			break;
+		case 5:
+			len = 1 + (r >> 4) % ZERO_MAX;
+			blk_discard(bs, off, MIN(len, bs->size - off));
+			break;
+		default:
+			len = 1 + (r >> 4) % WRITE_MAX;
+			len = MIN(len, bs->size - off);
+			buf[0] = (uint8_t)i;
+			blk_pwrite(bs, off, buf, (size_t)len);
+			break;
+		}
+	}
+	blk_flush(bs);
+	free(buf);
+out:
+	blk_close(bs);
+	reopen_and_read(fmt);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
+	const struct blk_driver *drv = NULL;
+	const char *fmt = FUZZ_FORMAT;
 	struct blk *bs;
 	struct err e = { "" };
 
 	if (fd < 0 && setup() < 0)
 		abort();
-	if (put_input(data, size) < 0)
+	if (put_file(fd, data, size) < 0)
 		return 0;
 	/* Backing files are left closed: an input must not make the target
 	 * open files named in it. */
-	if (blk_open(&bs, path, FUZZ_FORMAT, BLK_O_NO_BACKING | BLK_O_SHARE,
-		     CACHE_WRITEBACK, &e) < 0)
+	if (blk_open(&bs, path, fmt, BLK_O_NO_BACKING | BLK_O_SHARE,
+		     CACHE_WRITEBACK, &e) == 0) {
+		exercise(bs);
+		drv = bs->drv;
+		blk_close(bs);
+	}
+
+	/* The later stages use the format given, or the one probing found
+	 * (check opens images that a plain open refuses). */
+	if (fmt)
+		drv = blk_find_driver(fmt);
+	if (!drv)
 		return 0;
-	exercise(bs);
-	blk_close(bs);
+	if (drv->check && (drv->caps & BLK_CAP_CHECK))
+		check_stage(data, size, drv->name);
+	if (drv->caps & BLK_CAP_WRITE)
+		write_stage(data, size, drv->name);
 	return 0;
 }
