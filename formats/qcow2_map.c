@@ -444,6 +444,20 @@ static int free_old(struct blk *bs, const uint64_t *old, unsigned n)
 	return 0;
 }
 
+/* A data cluster an L2 entry claims that is really the header, the L1
+ * table or the refcount table (hostile or damaged image): writing there
+ * would destroy the image. */
+static bool overlaps_metadata(const struct qcow2 *s, uint64_t h)
+{
+	uint64_t cs = s->cluster_size;
+	uint64_t l1e = s->l1_offset + ALIGN_UP((uint64_t)s->l1_size * 8, cs);
+	uint64_t rte = s->rt_offset +
+		       ((uint64_t)s->rt_clusters << s->cluster_bits);
+
+	return h < cs || (h >= s->l1_offset && h < l1e) ||
+	       (h >= s->rt_offset && h < rte);
+}
+
 static int write_in_place(struct blk *bs, uint64_t pos, const uint8_t *buf,
 			  uint64_t n)
 {
@@ -459,6 +473,8 @@ static int write_in_place(struct blk *bs, uint64_t pos, const uint8_t *buf,
 		return ret;
 	e = l2e(s, tbl, idx);
 	h = e & QCOW2_OFFSET_MASK;
+	if (overlaps_metadata(s, h))
+		return corrupt(bs, "data cluster overlaps metadata", h);
 	if (!s->ext_l2)
 		return bfile_pwrite(bs->file, h + a, buf, n);
 	bm = l2bm(s, tbl, idx);
