@@ -260,26 +260,6 @@ static int qcow_load_l2(struct blk *bs, uint64_t off)
 	return 0;
 }
 
-/* The L2 entry for guest offset off (0: unallocated), with the L2 table
- * cached when it exists. */
-static int qcow_entry(struct blk *bs, uint64_t off, uint64_t *entry)
-{
-	struct qcow *s = bs->opaque;
-	uint64_t l1i = off >> (s->cluster_bits + s->l2_bits), l2off;
-	int ret = qcow_read_l1(bs, l1i, &l2off);
-
-	if (ret < 0)
-		return ret;
-	*entry = 0;
-	if (!l2off)
-		return 0;
-	ret = qcow_load_l2(bs, l2off);
-	if (ret < 0)
-		return ret;
-	*entry = s->l2[(off >> s->cluster_bits) & (s->l2_entries - 1)];
-	return 0;
-}
-
 static void qcow_compressed_loc(const struct qcow *s, uint64_t entry,
 				uint64_t *off, uint64_t *len)
 {
@@ -321,28 +301,37 @@ static int qcow_decompress(struct blk *bs, uint64_t entry)
 	return 0;
 }
 
-/* One cluster at most: the run [off, off+*n) within the cluster of off,
- * extended over following clusters of the same kind (unallocated, or
- * host-contiguous plain clusters). */
+/* The run [off, off+*pnum) of clusters of the same kind as the one at
+ * off, within one L2 table: unallocated, or host-contiguous plain
+ * clusters; a compressed cluster is a run of its own. */
 static int qcow_lookup(struct blk *bs, uint64_t off, uint64_t len,
 		       uint64_t *entry, uint64_t *pnum)
 {
 	struct qcow *s = bs->opaque;
-	uint64_t cs = s->cluster_size, n = cs - (off & (cs - 1)), first;
-	int ret = qcow_entry(bs, off, &first);
+	uint64_t cs = s->cluster_size, in = off & (cs - 1);
+	uint64_t span = 1ULL << (s->cluster_bits + s->l2_bits);
+	uint64_t l1i = off >> (s->cluster_bits + s->l2_bits), l2off;
+	uint64_t l2i = (off >> s->cluster_bits) & (s->l2_entries - 1);
+	uint64_t n = cs - in, first;
+	int ret = qcow_read_l1(bs, l1i, &l2off);
 
 	if (ret < 0)
 		return ret;
-	while (n < len && !(first & QCOW_COMPRESSED)) {
-		uint64_t next, want = first ? first + n + (off & (cs - 1)) : 0;
-		/* stay inside the same L2 table so the cache stays put */
-		if (((off + n) >> (s->cluster_bits + s->l2_bits)) !=
-		    (off >> (s->cluster_bits + s->l2_bits)))
-			break;
-		ret = qcow_entry(bs, off + n, &next);
-		if (ret < 0)
-			return ret;
-		if (next != want)
+	len = MIN(len, span - (off & (span - 1)));
+	if (!l2off) {
+		/* no L2 table: the whole rest of its span is unallocated */
+		*entry = 0;
+		*pnum = len;
+		return 0;
+	}
+	ret = qcow_load_l2(bs, l2off);
+	if (ret < 0)
+		return ret;
+	first = s->l2[l2i];
+	for (uint64_t i = l2i + 1; n < len && !(first & QCOW_COMPRESSED) &&
+	     i < s->l2_entries; i++) {
+		uint64_t want = first ? first + (i - l2i) * cs : 0;
+		if (s->l2[i] != want)
 			break;
 		n += cs;
 	}
