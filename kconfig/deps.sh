@@ -163,7 +163,10 @@ mkdir -p "$STAGE/include" "$STAGE/lib"
 say "building zlib with $CC ..."
 (
 	cd "$SRC/zlib"
-	run env CC="$CC" CFLAGS="$CFLAGS_DEPS" ./configure --static --prefix="$STAGE"
+	# -O3, not -Os: deflate's hash sliding is most of convert -c's CPU
+	# time and only vectorises at -O3 (about 20% faster, a few KiB larger)
+	run env CC="$CC" CFLAGS="-O3 -ffunction-sections -fdata-sections" \
+		./configure --static --prefix="$STAGE"
 	run make -j"$JOBS" libz.a
 )
 cp "$SRC/zlib/libz.a" "$STAGE/lib/"
