@@ -635,51 +635,79 @@ static int zero_units(struct blk *bs, uint64_t off, uint64_t len, bool zero)
 {
 	struct qcow2 *s = qcow2_state(bs);
 	uint64_t cs = s->cluster_size, end = off + len;
+	uint64_t span = cs << s->l2_bits;
 	bool has_backing = bs->backing_file && bs->backing_file[0];
-	int ret;
+	bool unalloc = !zero && !has_backing;	/* discard to unallocated */
+	unsigned nold = 0, maxold = 1u << s->l2_bits;
+	uint64_t *olds = malloc((size_t)maxold * 8), tspan = UINT64_MAX;
+	int ret = 0;
 
+	if (!olds)
+		return -ENOMEM;
 	while (off < end) {
 		uint64_t gc = ALIGN_DOWN(off, cs), ce = MIN(end, gc + cs);
-		uint64_t e, bm, ne, nbm, oldv = 0;
+		uint64_t e, bm, ne, nbm;
 		uint8_t *tbl;
 		unsigned idx;
 
-		ret = qcow2_l2_get(bs, off, true, &tbl, &idx);
+		/* references dropped once per L2 table, not per cluster */
+		if (ALIGN_DOWN(off, span) != tspan || nold == maxold) {
+			ret = free_old(bs, olds, nold);
+			if (ret < 0)
+				goto out;
+			nold = 0;
+			tspan = ALIGN_DOWN(off, span);
+		}
+		ret = qcow2_l2_get(bs, off, !unalloc, &tbl, &idx);
 		if (ret < 0)
-			return ret;
+			goto out;
+		if (!tbl) {	/* nothing mapped there to discard */
+			off = MIN(end, ALIGN_DOWN(off, span) + span);
+			continue;
+		}
 		e = l2e(s, tbl, idx);
 		bm = l2bm(s, tbl, idx);
 		if (!s->ext_l2 || (off == gc && ce == gc + cs)) {
 			/* whole cluster */
-			ne = (zero || has_backing) && s->version >= 3 &&
-			     !s->ext_l2 ? QCOW2_OFLAG_ZERO : 0;
-			nbm = (zero || has_backing) && s->ext_l2 ?
-			      0xffffffff00000000ULL : 0;
-			if (!zero && !has_backing)
-				nbm = 0;
-			oldv = e;
+			ne = !unalloc && s->version >= 3 && !s->ext_l2 ?
+			     QCOW2_OFLAG_ZERO : 0;
+			nbm = !unalloc && s->ext_l2 ? 0xffffffff00000000ULL : 0;
+			if (e & (QCOW2_OFFSET_MASK | QCOW2_OFLAG_COMPRESSED))
+				olds[nold++] = e;
 		} else {
 			unsigned sc0 = (unsigned)((off - gc) >> s->sc_bits);
 			unsigned sc1 = (unsigned)((ce - gc) >> s->sc_bits);
 			uint64_t mask = ((1ULL << (sc1 - sc0)) - 1) << sc0;
 
-			if (e & QCOW2_OFLAG_COMPRESSED)
-				return -ENOTSUP;
+			if (e & QCOW2_OFLAG_COMPRESSED) {
+				ret = -ENOTSUP;
+				goto out;
+			}
 			ne = e;
 			nbm = bm & ~mask;
-			if (zero || has_backing)
+			if (!unalloc)
 				nbm |= mask << 32;
 		}
-		l2_set(s, tbl, idx, ne, nbm);
-		qcow2_cache_dirty(&s->l2c, tbl);
-		if (oldv) {
-			ret = free_old(bs, &oldv, 1);
-			if (ret < 0)
-				return ret;
+		if (ne != e || nbm != bm) {
+			if (s->l1[off >> (s->cluster_bits + s->l2_bits)] &
+			    QCOW2_OFLAG_COPIED) {
+				l2_set(s, tbl, idx, ne, nbm);
+				qcow2_cache_dirty(&s->l2c, tbl);
+			} else {
+				/* a shared table (snapshot): make it ours */
+				ret = qcow2_l2_get(bs, off, true, &tbl, &idx);
+				if (ret < 0)
+					goto out;
+				l2_set(s, tbl, idx, ne, nbm);
+				qcow2_cache_dirty(&s->l2c, tbl);
+			}
 		}
 		off = ce;
 	}
-	return 0;
+	ret = free_old(bs, olds, nold);
+out:
+	free(olds);
+	return ret;
 }
 
 int qcow2_pwrite_zeroes(struct blk *bs, uint64_t off, uint64_t len,

@@ -286,7 +286,7 @@ int main(void)
 		int before = fail;
 		if (only && atoi(only) != (int)i)
 			continue;
-		rng = 88172645463325252ULL + i * 7922;
+		rng = 88172645463325252ULL + i * 8003;
 		run(&cfgs[i], getenv("QCOW2_RW_OPS") ?
 		    atoi(getenv("QCOW2_RW_OPS")) : 200);
 		if (fail != before)
