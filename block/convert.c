@@ -845,7 +845,8 @@ int convert_run_stats(const struct convert_opts *o, struct convert_stats *st,
 	/* compressing workers hold the compressed copy too: smaller chunks
 	 * keep the memory bound (workers x 2 x chunk) near qemu-img's */
 	if (o->compress)
-		c.chunk_max = (size_t)MIN((uint64_t)c.chunk_max, 4 * c.cluster);
+		c.chunk_max = (size_t)ALIGN_UP(MIN((uint64_t)c.chunk_max,
+						   4 * c.cluster), c.align);
 	c.precompress = o->compress && t->drv->compress &&
 			t->drv->write_precompressed;
 	c.use_copy_range = o->copy_range && !o->compress &&
