@@ -63,6 +63,7 @@ median()	# median of the arguments
 }
 
 mib() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }'; }
+kib_to_mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
 
 # physical-limit reference
 ref=()
@@ -114,8 +115,8 @@ for c in "${CASES[@]}"; do
 		"$name" "$mi" "$mq" \
 		"$(awk -v a="$mi" -v b="$mq" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }')" \
 		"$(median "${ic[@]}")" "$(median "${qc[@]}")" "" \
-		"$(mib $(( $(median "${ir[@]}") * 1024 )))" \
-		"$(mib $(( $(median "${qr[@]}") * 1024 )))" \
+		"$(kib_to_mib "$(median "${ir[@]}")")" \
+		"$(kib_to_mib "$(median "${qr[@]}")")" \
 		"$(mib "$ia")" "$(mib "$qa")"
 done
 rm -f out/o.*
