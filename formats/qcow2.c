@@ -883,8 +883,15 @@ static int qcow2_truncate(struct blk *bs, uint64_t size, int prealloc,
 	uint8_t b[8];
 	int ret;
 
-	if (s->nb_snapshots) {
-		err_set(e, "Can't resize an image which has snapshots");
+	/* qcow2.txt: the virtual size is stored in whole sectors */
+	if (!IS_ALIGNED(size, 512)) {
+		err_set(e, "The new size must be a multiple of 512");
+		return -EINVAL;
+	}
+	/* A v2 snapshot table entry has no size of its own, so a snapshot
+	 * would silently take the new size; v3 entries keep theirs. */
+	if (s->nb_snapshots && s->version < 3) {
+		err_set(e, "Can't resize a v2 image which has snapshots");
 		return -ENOTSUP;
 	}
 	if (size < old) {
