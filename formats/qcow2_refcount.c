@@ -309,6 +309,10 @@ static int grow_rt(struct blk *bs, uint64_t min_entries)
 	tc = DIV_ROUND_UP(entries, epc);
 	for (;;) {
 		uint64_t nnb = 0, ntc;
+		/* a table past the cap (hostile offsets): give up before
+		 * walking the blocks it would need */
+		if (tc > QCOW2_MAX_RT_BYTES / cs)
+			return -EFBIG;
 		end = ci0 + nb + tc;
 		first_b = ci0 >> s->rb_bits;
 		last_b = (end - 1) >> s->rb_bits;
