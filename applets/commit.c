@@ -216,7 +216,7 @@ int commit_main(int argc, char **argv)
 		ret = blk_truncate(base, top->size, PREALLOC_OFF, false, &e);
 		if (ret < 0)
 			fail("Block job failed: %s; '%s' is unchanged",
-			     e.msg[0] ? e.msg : errno_str(-ret), filename);
+			     e.msg[0] ? e.msg : strerror(-ret), filename);
 	}
 	buf = blk_alloc_buf(BUF_SIZE);
 	if (!buf)
@@ -261,7 +261,7 @@ int commit_main(int argc, char **argv)
 	}
 	if (ret < 0) {
 		const char *m = base->errmsg[0] ? base->errmsg :
-				top->errmsg[0] ? top->errmsg : errno_str(-ret);
+				top->errmsg[0] ? top->errmsg : strerror(-ret);
 		progress_end();
 		msg("Block job failed: %s", m);
 		msg("(failed while %s) '%s' is unchanged and reads as before; "
@@ -278,7 +278,7 @@ int commit_main(int argc, char **argv)
 		if (ret < 0) {
 			progress_end();
 			msg("Could not empty %s: %s", filename,
-			    top->errmsg[0] ? top->errmsg : errno_str(-ret));
+			    top->errmsg[0] ? top->errmsg : strerror(-ret));
 			msg("'%s' holds all the committed data; '%s' still "
 			    "reads as before", base->filename, filename);
 			blk_close(top);

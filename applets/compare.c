@@ -246,7 +246,7 @@ static void consume_one(struct cmp *c)
 	if (t->res == RES_READ_ERR) {
 		msg("Error while reading offset %llu of %s: %s",
 		    (unsigned long long)t->where, c->name[t->which],
-		    errno_str(t->err));
+		    strerror(t->err));
 		finish(c, 4);
 	}
 	progress_print(c, t->len);
@@ -363,7 +363,7 @@ static void open_one(struct cmp *c, int i, const char *fmt, unsigned flags,
 
 	if (ret < 0) {
 		msg("Could not open '%s': %s", c->name[i],
-		    e.msg[0] ? e.msg : errno_str(-ret));
+		    e.msg[0] ? e.msg : strerror(-ret));
 		finish(c, 2);
 	}
 }

@@ -412,27 +412,3 @@ int parse_cache_or_die(const char *s, int def, bool source)
 		die("Invalid %scache option: %s", source ? "source " : "", s);
 	return mode;
 }
-
-const char *errno_str(int err)
-{
-	switch (err) {
-	case ENOTSUP:
-		return "Operation not supported";
-	case EIO:
-		return "Input/output error";
-	case ENOMEM:
-		return "Cannot allocate memory";
-	case ELOOP:
-		return "Too many levels of symbolic links";
-	case EFBIG:
-		return "File too large";
-	case ENXIO:
-		return "No such device or address";
-	case EOVERFLOW:
-		return "Value too large for defined data type";
-	case ENOMEDIUM:
-		return "No medium found";
-	default:
-		return strerror(err);
-	}
-}

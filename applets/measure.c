@@ -105,7 +105,7 @@ static void load_snapshot(struct blk *in, const char *arg)
 	}
 	if (ret < 0)
 		die("Failed to load snapshot: %s",
-		    e.msg[0] ? e.msg : errno_str(-ret));
+		    e.msg[0] ? e.msg : strerror(-ret));
 	optlist_free(&sn);
 }
 
@@ -166,7 +166,7 @@ int measure_main(int argc, char **argv)
 		    drv->name);
 	ret = drv->measure(&ol, in, size, &mi, &e);
 	if (ret < 0)
-		die("%s", e.msg[0] ? e.msg : errno_str(-ret));
+		die("%s", e.msg[0] ? e.msg : strerror(-ret));
 	if (json) {
 		struct val *o = val_obj();
 		if (!o)

@@ -158,7 +158,7 @@ static void merge_piece(struct blk *bs, struct blk *old, struct blk *new,
 			if (ret < 0)
 				fail(bs, "Error while writing to COW image: %s",
 				     bs->errmsg[0] ? bs->errmsg :
-				     errno_str(-ret));
+				     strerror(-ret));
 		}
 		i = j;
 	}
@@ -209,7 +209,7 @@ static void merge(struct blk *bs, struct blk *old, struct blk *new,
 		st = blk_block_status(bs, off, n, &n, &map, &mf);
 		if (st < 0)
 			fail(bs, "error while reading image metadata: %s",
-			     errno_str(-st));
+			     strerror(-st));
 		if (st & BLK_STAT_ALLOCATED)
 			continue;
 		if (in_chain) {
@@ -218,7 +218,7 @@ static void merge(struct blk *bs, struct blk *old, struct blk *new,
 			st = allocated_between(old, new, off, n, &n);
 			if (st < 0)
 				fail(bs, "error while reading image metadata: "
-				     "%s", errno_str(-st));
+				     "%s", strerror(-st));
 			if (!st)
 				continue;
 		}
@@ -290,7 +290,7 @@ int rebase_main(int argc, char **argv)
 		       (HAS(U) ? BLK_O_SHARE : 0), cache, &e);
 	if (ret < 0)
 		fail(NULL, "Could not open '%s': %s", filename,
-		     e.msg[0] ? e.msg : errno_str(-ret));
+		     e.msg[0] ? e.msg : strerror(-ret));
 	warn_probed_raw(bs);
 	if (bfmt && !blk_find_driver(bfmt))
 		fail(bs, "Invalid format name: '%s'", bfmt);
@@ -319,7 +319,7 @@ int rebase_main(int argc, char **argv)
 		ret = blk_flush(bs);
 		if (ret < 0)
 			fail(bs, "Error while writing to COW image: %s",
-			     errno_str(-ret));
+			     strerror(-ret));
 	}
 
 	/* Everything that differs is in the top now: switch. */
@@ -340,7 +340,7 @@ int rebase_main(int argc, char **argv)
 		    "format must be specified", base);
 	else if (ret < 0)
 		msg("Could not change the backing file to '%s': %s",
-		    base ? base : "(null)", errno_str(-ret));
+		    base ? base : "(null)", strerror(-ret));
 	progress_print(100, 0);
 	if (progress.on)
 		printf("\n");

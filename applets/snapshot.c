@@ -23,17 +23,6 @@
 #include "imgbox.h"
 #include "blk_driver.h"
 
-/* strerror() as glibc words it (qemu-img's messages); musl differs. */
-static const char *errstr(int err)
-{
-	switch (err) {
-	case ENOTSUP: return "Operation not supported";
-	case EIO: return "Input/output error";
-	case ENOMEM: return "Cannot allocate memory";
-	default: return strerror(err);
-	}
-}
-
 /* qemu-img refuses a second action while it parses; getopt keeps only
  * the last argument of a repeated option, so count them on argv. */
 static int count_actions(int argc, char **argv)
@@ -128,7 +117,7 @@ int snapshot_main(int argc, char **argv)
 		      bs->drv->snapshot_create(bs, &sn, &e) : -ENOTSUP;
 		if (ret < 0)
 			msg("Could not create snapshot '%s': %d (%s)", name,
-			    ret, errstr(-ret));
+			    ret, strerror(-ret));
 	} else if (HAS(a)) {
 		if (!bs->drv->snapshot_apply) {
 			/* qemu reopens the format layer after asking the
@@ -141,7 +130,7 @@ int snapshot_main(int argc, char **argv)
 			ret = bs->drv->snapshot_apply(bs, name, &e);
 			if (ret < 0)
 				msg("Could not apply snapshot '%s': Failed to "
-				    "load snapshot: %s", name, errstr(-ret));
+				    "load snapshot: %s", name, strerror(-ret));
 		}
 	} else if (HAS(d)) {
 		int k = -1;
@@ -161,10 +150,10 @@ int snapshot_main(int argc, char **argv)
 						       &e) : -ENOTSUP;
 			if (ret < 0 && e.msg[0])
 				msg("Could not delete snapshot '%s': %s: %s",
-				    name, e.msg, errstr(-ret));
+				    name, e.msg, strerror(-ret));
 			else if (ret < 0)
 				msg("Could not delete snapshot '%s': %s", name,
-				    errstr(-ret));
+				    strerror(-ret));
 		}
 	}
 	free(list);

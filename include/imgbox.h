@@ -83,9 +83,6 @@ int parse_cache_or_die(const char *s, int def, bool source);
 
 /* --output=human|json -> 0 / 1; dies on anything else. */
 int parse_output_format(const char *s);
-/* strerror() with glibc's texts, which qemu-img prints (musl words some
- * differently: "Not supported", "I/O error"). */
-const char *errno_str(int err);
 
 #define HAS(x) (opts.flags & FLAG_##x)
 #define ARG(x) (opts.arg[OPT_##x])
