@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include "qcow2.h"
+#include <generated/config.h>
 
 static const struct optdesc qcow2_create_opts[] = {
 	/* Array order = the order of qemu-img's "Formatting" line. */
@@ -1231,14 +1232,17 @@ const struct blk_driver qcow2_driver = {
 	.create = qcow2_create,
 	.get_info = qcow2_get_info,
 	.snapshot_list = qcow2_snapshot_list,
-	.snapshot_create = qcow2_snapshot_create,
-	.snapshot_apply = qcow2_snapshot_apply,
-	.snapshot_delete = qcow2_snapshot_delete,
-	.amend = qcow2_amend,
-	.amend_opts = qcow2_amend_opts,
-	.measure = qcow2_measure,
-	.change_backing = qcow2_change_backing,
-	.make_empty = qcow2_make_empty,
-	.snapshot_load_tmp = qcow2_snapshot_load_tmp,
+	/* Callbacks only one applet uses are left out with it, so
+	 * --gc-sections drops their code from small configurations. */
+	.snapshot_create = ENABLE_APPLET_SNAPSHOT ? qcow2_snapshot_create : NULL,
+	.snapshot_apply = ENABLE_APPLET_SNAPSHOT ? qcow2_snapshot_apply : NULL,
+	.snapshot_delete = ENABLE_APPLET_SNAPSHOT ? qcow2_snapshot_delete : NULL,
+	.amend = ENABLE_APPLET_AMEND ? qcow2_amend : NULL,
+	.amend_opts = ENABLE_APPLET_AMEND ? qcow2_amend_opts : NULL,
+	.measure = ENABLE_APPLET_MEASURE ? qcow2_measure : NULL,
+	.change_backing = ENABLE_APPLET_REBASE ? qcow2_change_backing : NULL,
+	.make_empty = ENABLE_APPLET_COMMIT ? qcow2_make_empty : NULL,
+	.snapshot_load_tmp = ENABLE_APPLET_CONVERT || ENABLE_APPLET_MEASURE ?
+			     qcow2_snapshot_load_tmp : NULL,
 	.check = qcow2_check,
 };
