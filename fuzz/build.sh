@@ -115,6 +115,25 @@ mk()
 }
 
 DATA="write -P 0x5a 0 4k;write -z 8k 4k;write -P 0xa5 40k 6k"
+
+mk_vhdx_seeds()
+{
+	local f=$TMP/vhdx-seed cut=$(((3 << 20) + (68 << 10))) name
+	local c
+
+	for name in empty bs8m data; do
+		rm -f "$f"
+		c="-o block_size=1M,log_size=1M"
+		[ "$name" != bs8m ] || c="-o block_size=8M,log_size=1M"
+		"$QEMU_IMG" create -q -f vhdx $c "$f" 64k >/dev/null 2>&1 ||
+			return 0
+		[ "$name" != data ] ||
+			"$QEMU_IO" -f vhdx -c "write -P 0x5a 0 4k" "$f" \
+				>/dev/null 2>&1 || true
+		truncate -s "$cut" "$f"
+		keep vhdx "$f" "$name"
+	done
+}
 have_qemu=0
 command -v "$QEMU_IMG" >/dev/null && command -v "$QEMU_IO" >/dev/null &&
 	have_qemu=1
@@ -156,7 +175,12 @@ for fmt in $FORMATS; do
 	qed) mk qed small "-o cluster_size=4k,table_size=2" "$DATA" ;;
 	vdi) mk vdi static "-o static=on" "$DATA" ;;
 	vpc) mk vpc fixed "-o subformat=fixed" "$DATA" ;;
-	vhdx) mk vhdx small "-o block_size=1M,log_size=1M" "$DATA" ;;
+	vhdx)
+		# qemu-img's smallest VHDX is 8 MiB, mostly zeroes: the seeds
+		# are the first 3 MiB + 68 KiB (headers, log, BAT, metadata),
+		# one with the BAT mapping a block past the end.
+		mk_vhdx_seeds
+		;;
 	raw) printf 'x' > "$TMP/one"; keep raw "$TMP/one" one ;;
 	esac
 	# libFuzzer needs at least one input; an empty one will do.
