@@ -200,7 +200,9 @@ run_one()	# run_one FMT ARGS...: fuzz FMT, new inputs into work/FMT
 {
 	local fmt=$1
 	shift
-	"$OUT/fuzz_$fmt" -timeout=10 -rss_limit_mb=2048 \
+	# -max_len: libFuzzer cuts inputs to 1 MiB unless told, and the
+	# vhdx seeds are 3 MiB
+	"$OUT/fuzz_$fmt" -timeout=10 -rss_limit_mb=2048 -max_len=$SEED_MAX \
 		-artifact_prefix="$OUT/artifacts/$fmt-" "$@" \
 		"$OUT/work/$fmt" "$OUT/corpus/$fmt"
 }
