@@ -6,11 +6,11 @@
 //config:	default y
 //config:	help
 //config:	  usage: qemu-img [standard options] command [command options]
-//config:	  QEMU disk image utility (imgbox)
+//config:	  Disk image tool with qemu-img's command line (imgbox).
 //config:
-//config:	    '-h', '--help'       display this help and exit
-//config:	    '-V', '--version'    output version information and exit
-//config:	    '-T', '--trace'      accepted and ignored
+//config:	    -h, --help      this text
+//config:	    -V, --version   the qemu-img version this imgbox follows
+//config:	    -T, --trace     QEMU's tracing switch: accepted, no effect
 //config:
 //config:	  Commands are the img-* applets without their prefix;
 //config:	  'qemu-img COMMAND --help' describes one.
@@ -25,12 +25,11 @@ void qemu_img_help(void)
 
 	printf("qemu-img version %s (imgbox %s)\n"
 	       "usage: qemu-img [standard options] command [command options]\n"
-	       "QEMU disk image utility\n\n"
-	       "    '-h', '--help'       display this help and exit\n"
-	       "    '-V', '--version'    output version information and exit\n"
-	       "    '-T', '--trace'      [[enable=]<pattern>][,events=<file>]"
-	       "[,file=<file>]\n"
-	       "                         specify tracing options\n\n"
+	       "Disk image tool with qemu-img's command line (imgbox).\n\n"
+	       "    -h, --help      this text\n"
+	       "    -V, --version   the qemu-img version this imgbox follows\n"
+	       "    -T, --trace     QEMU's tracing switch: accepted, no "
+	       "effect\n\n"
 	       "Command syntax:\n", QEMU_COMPAT_VERSION, IMGBOX_VERSION);
 	for (int i = 0; i < applet_count; i++) {
 		const char *u = applets[i].usage, *nl;
@@ -49,9 +48,8 @@ void qemu_img_help(void)
 		printf("%s%s", first ? " " : " ", blk_drivers[i]->name);
 		first = 0;
 	}
-	printf("\n\nSee <https://qemu.org/contribute/report-a-bug> for how "
-	       "to report bugs.\nMore information on the QEMU project at "
-	       "<https://qemu.org>.\n");
+	printf("\n\nimgbox applets also answer to img-COMMAND; "
+	       "'qemu-img COMMAND --help' describes one command.\n");
 }
 
 int qemu_img_main(int argc, char **argv)
@@ -69,8 +67,8 @@ int qemu_img_main(int argc, char **argv)
 		}
 		if (!strcmp(o, "-V") || !strcmp(o, "--version")) {
 			printf("qemu-img version %s (imgbox %s)\n"
-			       "Copyright (c) imgbox developers; command line "
-			       "of the QEMU Project's qemu-img\n",
+			       "imgbox: qemu-img's command line in a multi-call "
+			       "binary\n",
 			       QEMU_COMPAT_VERSION, IMGBOX_VERSION);
 			return 0;
 		}
