@@ -79,14 +79,47 @@ _tl_expect()
   fi
 }
 
-# Returns 0 (and records SKIP) if this test is to be skipped.
+# The applets of the binary under test, once (empty list: oracle mode).
+_tl_applets=
+_tl_have_applet()
+{
+  [ -n "$IMGBOX" ] || return 0
+  [ -n "$_tl_applets" ] || _tl_applets=" $("$IMGBOX" --list 2>/dev/null | tr '\n' ' ') "
+  case $_tl_applets in *" img-$1 "*) return 0 ;; esac
+  return 1
+}
+
+# Prints the first qemu-img command the command string $1 runs through
+# $QEMU_IMG that this build leaves out, if any.
+_tl_missing_applet()
+{
+  local rest=$1 cmd
+  [ -n "$IMGBOX" ] || return 0
+  while [[ $rest =~ \$QEMU_IMG[\"]?[[:space:]]+([a-z]+)(.*) ]]; do
+    cmd=${BASH_REMATCH[1]}
+    rest=${BASH_REMATCH[2]}
+    # only qemu-img's own commands: tests of unknown ones must still run
+    case " amend bench check commit compare convert create dd info map measure rebase resize snapshot " in
+      *" $cmd "*) ;;
+      *) continue ;;
+    esac
+    _tl_have_applet "$cmd" || { echo "$cmd"; return 0; }
+  done
+}
+
+# Returns 0 (and records SKIP) if this test is to be skipped. $2 is the
+# command string: a test of an applet the build leaves out is skipped.
 _tl_skipping()
 {
-  local why=$_tl_skip_rest
+  local why=$_tl_skip_rest miss
 
   if [ -n "$_tl_skip_next" ]; then
     why=$_tl_skip_next
     _tl_skip_next=
+  fi
+  if [ -z "$why" ] && [ -n "${2:-}" ]; then
+    miss=$(_tl_missing_applet "$2")
+    [ -z "$miss" ] || why="img-$miss is not in this build"
   fi
   [ -n "$why" ] || return 1
   _tl_record SKIP "$TEST_FILE: $1"
@@ -187,31 +220,31 @@ _tl_check()
 
 testing()
 {
-  _tl_skipping "$1" && return 0
+  _tl_skipping "$1" "$2" && return 0
   _tl_check "$1" "$2" - "$3" - -
 }
 
 testing_rc()
 {
-  _tl_skipping "$1" && return 0
+  _tl_skipping "$1" "$3" && return 0
   _tl_check "$1" "$3" "$2" - - -
 }
 
 testing_stderr()
 {
-  _tl_skipping "$1" && return 0
+  _tl_skipping "$1" "$3" && return 0
   _tl_check "$1" "$3" "$2" - "$4" -
 }
 
 testing_stderr_has()
 {
-  _tl_skipping "$1" && return 0
+  _tl_skipping "$1" "$3" && return 0
   _tl_check "$1" "$3" "$2" - - "$4"
 }
 
 testing_full()
 {
-  _tl_skipping "$1" && return 0
+  _tl_skipping "$1" "$3" && return 0
   _tl_check "$1" "$3" "$2" "$4" "$5" -
 }
 
@@ -265,7 +298,7 @@ same_as_oracle()
   done
   name=$1
   shift
-  _tl_skipping "$name" && return 0
+  _tl_skipping "$name" "\$QEMU_IMG $1" && return 0
   # Both copies get paths of the same length so that nothing else moves.
   _tl_oracle_side "$T_SCRATCH/cmp/tested" "$T_SCRATCH/rep.tested" \
     "$QEMU_IMG" "$@"
