@@ -89,6 +89,26 @@ _tl_have_applet()
   return 1
 }
 
+# True if the binary under test has fault injection (IMGBOX_FAULT); a
+# configuration without CONFIG_FAULT_INJECTION ignores the variable.
+_tl_fault=
+_tl_have_fault()
+{
+  local f
+  [ -n "$IMGBOX" ] || return 1
+  if [ -z "$_tl_fault" ]; then
+    f=$T_SCRATCH/fault-probe.img
+    head -c 512 /dev/zero > "$f"
+    if IMGBOX_FAULT=read:5:1 "$IMGBOX" info "$f" > /dev/null 2>&1; then
+      _tl_fault=no
+    else
+      _tl_fault=yes
+    fi
+    rm -f "$f"
+  fi
+  [ "$_tl_fault" = yes ]
+}
+
 # Prints the first qemu-img command the command string $1 runs through
 # $QEMU_IMG that this build leaves out, if any.
 _tl_missing_applet()
@@ -120,6 +140,9 @@ _tl_skipping()
   if [ -z "$why" ] && [ -n "${2:-}" ]; then
     miss=$(_tl_missing_applet "$2")
     [ -z "$miss" ] || why="img-$miss is not in this build"
+    case $2 in
+      *IMGBOX_FAULT=*) _tl_have_fault || why="no fault injection in this build" ;;
+    esac
   fi
   [ -n "$why" ] || return 1
   _tl_record SKIP "$TEST_FILE: $1"
