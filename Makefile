@@ -36,7 +36,7 @@ LIBS := -lz -laio -lpthread
 all: $(OUT)
 
 # ---- configuration ----
-KSRC := $(wildcard applets/*.c formats/*.c)
+KSRC := $(wildcard applets/*.c formats/*.c formats/*/*.c)
 include/generated/Config.applets.in include/generated/Config.formats.in: \
 		$(KSRC) kconfig/gen.sh
 	@sh kconfig/gen.sh kconfig

@@ -58,7 +58,7 @@ FORMATS=$(sed -n 's/^extern const struct blk_driver \([a-z0-9_]*\)_driver;$/\1/p
 
 # ---- library objects, rebuilt when the source or any header is newer ----
 OBJS=
-newest_hdr=$(ls -t include/*.h "$GEN"/*.h formats/*.h 2>/dev/null | head -1)
+newest_hdr=$(ls -t include/*.h "$GEN"/*.h formats/*.h formats/*/*.h 2>/dev/null | head -1)
 for src in $SRCS; do
 	obj=$OUT/obj/${src%.c}.o
 	OBJS="$OBJS $obj"

@@ -1,6 +1,6 @@
 #!/bin/sh
 # gen.sh - collect the registration lines at the top of applets/*.c and
-# formats/*.c into include/generated/ (and the Kconfig fragments).
+# formats/*.c and formats/*/*.c into include/generated/ (and the Kconfig fragments).
 #
 #   sh kconfig/gen.sh kconfig   -> include/generated/Config.{applets,formats}.in
 #   sh kconfig/gen.sh headers [CONFIG [GENDIR]]
@@ -24,7 +24,7 @@ put() {	# put FILE: stdin -> FILE if different
 }
 
 kconfig_frag() {	# DIR
-	for f in "$1"/*.c; do
+	for f in "$1"/*.c "$1"/*/*.c; do
 		grep -q '^//config:' "$f" || continue
 		echo "# from $f"
 		sed -n 's,^//config:,,p' "$f"
@@ -95,7 +95,7 @@ for f in applets/*.c; do
 	printf '%s\t%s\n' "$id" "$line" >> "$G/applets.list.tmp$$"
 	printf '%s\n' "$usage" > "$G/usage_$id.txt.tmp$$"; put "$G/usage_$id.txt"
 done
-for f in formats/*.c; do
+for f in formats/*.c formats/*/*.c; do
 	line=$(grep '^//format:FORMAT(' "$f" || true)
 	if [ -z "$line" ]; then
 		# helper files of a format: //format:PART(id)

@@ -1,7 +1,7 @@
 /* qcow2.c - the qcow2 format: header and extensions, open, info,
  * snapshot table, create, resize (docs/interop/qcow2.txt).
- * Mapping and writes live in qcow2_map.c, refcounts in qcow2_refcount.c,
- * compression in qcow2_compress.c. */
+ * Mapping and writes live in map.c, refcounts in refcount.c,
+ * compression in compress.c. */
 //config:config FORMAT_QCOW2
 //config:	bool "qcow2"
 //config:	default y
@@ -1184,23 +1184,23 @@ out:
 	return ret;
 }
 
-/* formats/qcow2_measure.c */
+/* qcow2/measure.c */
 int qcow2_measure(const struct optlist *opts, struct blk *in, uint64_t size,
 		  struct measure_info *mi, struct err *e);
-/* formats/qcow2_backing.c */
+/* qcow2/backing.c */
 int qcow2_change_backing(struct blk *bs, const char *file, const char *fmt,
 			 struct err *e);
 int qcow2_make_empty(struct blk *bs);
-/* formats/qcow2_snapload.c */
+/* qcow2/snapload.c */
 int qcow2_snapshot_load_tmp(struct blk *bs, const char *id, const char *name,
 			    struct err *e);
-/* formats/qcow2_check.c */
+/* qcow2/check.c */
 int qcow2_check(struct blk *bs, struct check_result *res, int fix);
-/* formats/qcow2_amend.c */
+/* qcow2/amend.c */
 int qcow2_amend(struct blk *bs, const struct optlist *opts, bool force,
 		struct err *e);
 extern const struct optdesc qcow2_amend_opts[];
-/* formats/qcow2_snapshot.c */
+/* qcow2/snapshot.c */
 int qcow2_snapshot_create(struct blk *bs, const struct snapshot_info *sn,
 			  struct err *e);
 int qcow2_snapshot_apply(struct blk *bs, const char *id_or_name,

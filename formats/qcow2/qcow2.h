@@ -1,4 +1,4 @@
-/* qcow2.h - internal interface of the qcow2 driver (formats/qcow2*.c).
+/* qcow2.h - internal interface of the qcow2 driver (the files of formats/qcow2/).
  *
  * Layout (docs/interop/qcow2.txt): a header cluster, a refcount table of
  * refcount blocks, an L1 table of L2 tables of cluster descriptors, an
@@ -156,7 +156,7 @@ int qcow2_set_errmsg(struct blk *bs, int ret, const char *fmt, ...)
 int qcow2_write_header_field(struct blk *bs, unsigned off, const void *v,
 			     size_t len);
 
-/* qcow2_cache.c (in qcow2_refcount.c) */
+/* the metadata cache (in refcount.c) */
 int qcow2_cache_init(struct qcow2_cache *c, int n, size_t csize);
 void qcow2_cache_free(struct qcow2_cache *c);
 /* Returns the cached table at host offset off (read unless fresh). */
@@ -168,7 +168,7 @@ int qcow2_cache_flush(struct blk *bs, struct qcow2_cache *c);
 int qcow2_cache_flush_all(struct blk *bs);
 void qcow2_cache_drop(struct qcow2_cache *c, uint64_t off);
 
-/* qcow2_refcount.c */
+/* refcount.c */
 int qcow2_refcount_init(struct blk *bs, struct err *e);
 /* refcount of cluster index ci (0 if beyond the table) */
 int qcow2_rc_get(struct blk *bs, uint64_t ci, uint64_t *rc);
@@ -183,7 +183,7 @@ void qcow2_free_clusters(struct blk *bs, uint64_t off, uint64_t len);
 /* drop the reference an L2 entry holds */
 void qcow2_free_l2_entry(struct blk *bs, uint64_t entry);
 
-/* qcow2_map.c */
+/* map.c */
 /* The L2 table covering guest offset off; alloc: make one that is ours
  * (refcount 1) if needed. NULL table (ret 0) = none and !alloc. */
 int qcow2_l2_get(struct blk *bs, uint64_t off, bool alloc, uint8_t **tbl,
@@ -208,10 +208,10 @@ int qcow2_write_precompressed(struct blk *bs, uint64_t off, const void *cbuf,
 void qcow2_compressed_range(const struct qcow2 *s, uint64_t desc,
 			    uint64_t *off, uint64_t *len);
 
-/* qcow2_check.c: consistency check, fix = CHECK_FIX_* */
+/* check.c: consistency check, fix = CHECK_FIX_* */
 int qcow2_check(struct blk *bs, struct check_result *res, int fix);
 
-/* qcow2_compress.c */
+/* compress.c */
 int qcow2_inflate(const uint8_t *in, size_t inlen, uint8_t *out,
 		  size_t outlen);
 /* >0: compressed length; -ENOSPC: does not shrink */

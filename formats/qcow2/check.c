@@ -1,4 +1,4 @@
-/* qcow2_check.c - consistency check and repair of qcow2 images
+/* check.c - consistency check and repair of qcow2 images
  * (qemu-img check [-r leaks|all]).
  *
  * The check counts every reference the metadata makes (header, L1/L2
@@ -1356,7 +1356,7 @@ static int mark_clean(struct blk *bs)
 	return 0;
 }
 
-/* From qcow2_snapshot.c when it is built: rewrites the snapshot table
+/* From snapshot.c when it is built: rewrites the snapshot table
  * with complete entries. */
 int qcow2_snapshot_table_upgrade(struct blk *bs) __attribute__((weak));
 

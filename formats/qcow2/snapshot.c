@@ -1,4 +1,4 @@
-/* qcow2_snapshot.c - internal snapshots: create, apply (goto) and delete
+/* snapshot.c - internal snapshots: create, apply (goto) and delete
  * (qcow2.txt, "Snapshots").
  *
  * A snapshot is a copy of the active L1 table plus an entry in the

@@ -1,4 +1,4 @@
-/* qcow2_refcount.c - the metadata cache, reference counts and cluster
+/* refcount.c - the metadata cache, reference counts and cluster
  * allocation (qcow2.txt, "Host cluster management").
  *
  * Ordering for crash safety: a refcount block reaches the disk before the

@@ -1,4 +1,4 @@
-/* qcow2_compress.c - compressed clusters: raw deflate streams (no zlib
+/* compress.c - compressed clusters: raw deflate streams (no zlib
  * header), written with a 4 KiB window as QEMU does (qcow2.txt,
  * "Compressed Clusters Descriptor"). */
 //format:PART(qcow2)

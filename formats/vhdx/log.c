@@ -1,4 +1,4 @@
-/* vhdx_log.c - the VHDX metadata log (MS-VHDX 2.3): a circular buffer of
+/* log.c - the VHDX metadata log (MS-VHDX 2.3): a circular buffer of
  * entries, each a 4 KiB-aligned header with descriptors (data sectors or
  * zero ranges to write into the file) followed by the data sectors. When
  * the current header names a log GUID, the active sequence (from the tail

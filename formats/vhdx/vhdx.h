@@ -1,4 +1,4 @@
-/* vhdx.h - shared between vhdx.c (image, BAT, create) and vhdx_log.c
+/* vhdx.h - shared between vhdx.c (image, BAT, create) and log.c
  * (log replay). Layout constants from MS-VHDX v1.0. */
 #ifndef IMGBOX_VHDX_H
 #define IMGBOX_VHDX_H
@@ -57,7 +57,7 @@ int vhdx_update_headers(struct blk *bs, bool clear_log);
 /* "Could not open 'FILE': strerror(-ret)" in e; returns ret. */
 int vhdx_fail(struct blk *bs, struct err *e, int ret);
 /* Finds the active log sequence; replays it when the image is writable,
- * refuses a read-only open that would need it (vhdx_log.c). */
+ * refuses a read-only open that would need it (log.c). */
 int vhdx_log_open(struct blk *bs, struct err *e);
 
 #endif

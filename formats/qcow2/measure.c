@@ -1,4 +1,4 @@
-/* qcow2_measure.c - how large a qcow2 image will be (qemu-img measure):
+/* measure.c - how large a qcow2 image will be (qemu-img measure):
  * the size a fully allocated image takes, and the size needed for the
  * data an input image really holds, with qemu-img's numbers.
  *

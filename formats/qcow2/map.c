@@ -1,4 +1,4 @@
-/* qcow2_map.c - guest offsets to host clusters: the L1/L2 walk, reads,
+/* map.c - guest offsets to host clusters: the L1/L2 walk, reads,
  * writes with cluster allocation and copy-on-write, zero clusters,
  * discard, compressed clusters and block status (qcow2.txt, "Cluster
  * mapping" and "Extended L2 Entries").

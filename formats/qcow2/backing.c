@@ -1,4 +1,4 @@
-/* qcow2_backing.c - qcow2 operations on the backing relation: rewrite the
+/* backing.c - qcow2 operations on the backing relation: rewrite the
  * recorded backing file name and format (rebase), and empty the image so
  * that every read goes to the backing file again (commit).
  *

@@ -1,4 +1,4 @@
-/* qcow2_amend.c - qemu-img amend for qcow2: compat level up and down,
+/* amend.c - qemu-img amend for qcow2: compat level up and down,
  * lazy refcounts, refcount width, size (qcow2.txt; the option set and
  * messages of qemu 7.2).
  *

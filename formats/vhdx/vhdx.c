@@ -2,7 +2,7 @@
  * and two region tables protected by CRC-32C, a metadata region (block
  * size, disk size, sector sizes) and the block allocation table (BAT) in
  * which a sector-bitmap entry follows every chunk_ratio payload entries.
- * The log is replayed by vhdx_log.c before anything else is read. */
+ * The log is replayed by log.c before anything else is read. */
 //config:config FORMAT_VHDX
 //config:	bool "vhdx"
 //config:	default y
