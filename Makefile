@@ -69,7 +69,7 @@ savedefconfig: include/generated/Config.applets.in
 
 # ---- release: static musl ----
 REL_OBJS := $(patsubst %.c,$(BUILD)/%.o,$(SRCS))
-$(DEPS)/musl/lib/libz.a:
+$(DEPS)/musl/lib/libz.a: kconfig/deps.sh
 	sh kconfig/deps.sh $(DEPS)
 
 $(BUILD)/%.o: %.c $(GEN)/objs.mk $(DEPS)/musl/lib/libz.a
@@ -77,8 +77,10 @@ $(BUILD)/%.o: %.c $(GEN)/objs.mk $(DEPS)/musl/lib/libz.a
 	@echo "  CC      $@"
 	@$(MUSL_CC) $(REL_CFLAGS) -c $< -o $@
 
+# The link map feeds `make size`'s breakdown.
 $(OUT): $(REL_OBJS)
-	$(MUSL_CC) $(REL_LDFLAGS) -o $@ $(REL_OBJS) $(LIBS)
+	$(MUSL_CC) $(REL_LDFLAGS) -Wl,-Map=$(BUILD)/imgbox.map -o $@ \
+		$(REL_OBJS) $(LIBS)
 
 # ---- developer build: glibc + sanitizers ----
 SAN_OBJS := $(patsubst %.c,$(SANBUILD)/%.o,$(SRCS))
@@ -111,6 +113,10 @@ size:
 	@printf '%-16s %10s\n' config bytes
 	@printf '%-16s %10s\n' defconfig $$(stat -c %s $(OUT))
 	@printf '%-16s %10s\n' tiny_defconfig $$(stat -c %s build/tiny/imgbox)
+	@echo; echo "defconfig, what each part puts into the binary:"
+	@sh tools/size-map.sh $(BUILD)/imgbox.map
+	@echo; echo "tiny_defconfig:"
+	@sh tools/size-map.sh build/tiny/imgbox.map | sed -n '/group/,$$p'
 
 demo: $(OUT)
 	@bash tools/demo.sh

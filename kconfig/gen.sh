@@ -25,7 +25,7 @@ put() {	# put FILE: stdin -> FILE if different
 
 kconfig_frag() {	# DIR
 	for f in "$1"/*.c "$1"/*/*.c; do
-		grep -q '^//config:' "$f" || continue
+		[ -f "$f" ] && grep -q "^//config:" "$f" || continue
 		echo "# from $f"
 		sed -n 's,^//config:,,p' "$f"
 		echo
