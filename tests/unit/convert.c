@@ -9,19 +9,7 @@
 #include <string.h>
 #include "blk_driver.h"
 #include "convert.h"
-
-static int pass, fail;
-
-#define CHECK(cond, ...) do {						\
-	if (cond)							\
-		pass++;							\
-	else {								\
-		fail++;							\
-		printf("FAIL: %s:%d: %s: ", __FILE__, __LINE__, #cond);	\
-		printf(__VA_ARGS__);					\
-		printf("\n");						\
-	}								\
-} while (0)
+#include "unit.h"
 
 #define SIZE	(12u << 20)
 #define RUN	(3u << 19)	/* 1.5 MiB status runs: not chunk-aligned */
@@ -259,6 +247,5 @@ int main(void)
 	run_failing(1);
 	run_failing(16);
 	free(tmem);
-	printf("%d passed, %d failed\n", pass, fail);
-	return fail != 0;
+	return unit_done();
 }

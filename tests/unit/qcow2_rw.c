@@ -11,20 +11,9 @@
 #include <unistd.h>
 #include <sys/wait.h>
 #include "blk.h"
+#include "unit.h"
 
-static int pass, fail;
 static char dir[256];
-
-#define CHECK(cond, ...) do {						\
-	if (cond)							\
-		pass++;							\
-	else {								\
-		fail++;							\
-		printf("FAIL: %s:%d: %s: ", __FILE__, __LINE__, #cond);	\
-		printf(__VA_ARGS__);					\
-		printf("\n");						\
-	}								\
-} while (0)
 
 static uint64_t rng = 88172645463325252ULL;
 static uint64_t rnd(uint64_t n)
@@ -298,6 +287,5 @@ int main(void)
 	resize("cluster_size=64k");
 	resize("compat=0.10,cluster_size=4k");
 	sh("rm -rf %s", dir);
-	printf("%d passed, %d failed\n", pass, fail);
-	return fail != 0;
+	return unit_done();
 }

@@ -5,17 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include "blk.h"
-
-static int pass, fail;
-
-#define CHECK(cond) do {						\
-	if (cond)							\
-		pass++;							\
-	else {								\
-		fail++;							\
-		printf("FAIL: %s:%d: %s\n", __FILE__, __LINE__, #cond);	\
-	}								\
-} while (0)
+#include "unit.h"
 
 static void test_sizes(void)
 {
@@ -139,6 +129,5 @@ int main(void)
 	test_optlist();
 	test_zero();
 	test_json();
-	printf("%d passed, %d failed\n", pass, fail);
-	return fail != 0;
+	return unit_done();
 }

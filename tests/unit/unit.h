@@ -1,0 +1,42 @@
+/* unit.h - the counters and the CHECK macro shared by the unit tests. Each
+ * test program ends with unit_done(), whose "N passed, M failed" line is
+ * what tests/check.sh adds up. */
+#ifndef IMGBOX_UNIT_H
+#define IMGBOX_UNIT_H
+
+#include <stdarg.h>
+#include <stdio.h>
+
+static int pass, fail;
+
+static void unit_check(int ok, const char *file, int line,
+		       const char *what, const char *fmt, ...)
+{
+	va_list ap;
+
+	if (ok) {
+		pass++;
+		return;
+	}
+	fail++;
+	printf("FAIL: %s:%d: %s", file, line, what);
+	if (*fmt) {
+		printf(": ");
+		va_start(ap, fmt);
+		vprintf(fmt, ap);
+		va_end(ap);
+	}
+	printf("\n");
+}
+
+/* CHECK(cond) or CHECK(cond, "format", args...) */
+#define CHECK(cond, ...) \
+	unit_check(!!(cond), __FILE__, __LINE__, #cond, "" __VA_ARGS__)
+
+static int unit_done(void)
+{
+	printf("%d passed, %d failed\n", pass, fail);
+	return fail != 0;
+}
+
+#endif
