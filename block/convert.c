@@ -849,13 +849,16 @@ int convert_run_stats(const struct convert_opts *o, struct convert_stats *st,
 						   4 * c.cluster), c.align);
 	c.precompress = o->compress && t->drv->compress &&
 			t->drv->write_precompressed;
+	/* the target's bytes are its file's: copy inside the kernel, or
+	 * keep writes in flight when it is opened with O_DIRECT */
 	c.use_copy_range = o->copy_range && !o->compress &&
-			   !strcmp(t->drv->name, "raw") && !t->file->direct;
+			   (t->drv->caps & BLK_CAP_FILE_MAP) &&
+			   !t->file->direct;
 	/* (fault injection lives in bfile_*: tests that use it keep the
 	 * synchronous path) */
 	if (ENABLE_LIBAIO && !o->compress && !c.use_copy_range &&
 	    !getenv("IMGBOX_FAULT") &&
-	    !strcmp(t->drv->name, "raw") && t->file->direct &&
+	    (t->drv->caps & BLK_CAP_FILE_MAP) && t->file->direct &&
 	    baio_init(&c.aio, 256) < 0)
 		c.aio = NULL;
 	bsz = c.chunk_max + (size_t)c.cluster;
