@@ -133,6 +133,8 @@ int bfile_open(struct bfile **pf, const char *name, unsigned flags,
 		return -EINVAL;
 	}
 	f->is_blockdev = S_ISBLK(st.st_mode);
+	f->dev = st.st_dev;
+	f->ino = st.st_ino;
 	f->direct = !!(oflags & O_DIRECT);
 	f->no_flush = cache == CACHE_UNSAFE;
 	f->read_only = !(oflags & O_RDWR);

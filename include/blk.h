@@ -40,6 +40,7 @@ struct bfile {
 	bool read_only;
 	bool is_blockdev;
 	unsigned align;		/* required alignment with O_DIRECT */
+	uint64_t dev, ino;	/* identity, for loops and same-file tests */
 };
 #define BFILE_RDWR	0x1
 #define BFILE_CREATE	0x2	/* O_CREAT|O_TRUNC */
@@ -173,6 +174,9 @@ int blk_block_status(struct blk *bs, uint64_t off, uint64_t len,
 int blk_block_status_above(struct blk *bs, struct blk *base, uint64_t off,
 			   uint64_t len, uint64_t *pnum, uint64_t *map,
 			   struct bfile **mfile, int *depth);
+/* Both images are the same file. */
+bool blk_same_file(const struct blk *a, const struct blk *b);
+
 /* Read for a range this layer does not allocate: from the backing image,
  * zeroes where there is none or past its end. For drivers. */
 int blk_read_backing(struct blk *bs, uint64_t off, void *buf, size_t len);
