@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include "blk_driver.h"
+#include <generated/config.h>
 #include <generated/formats.h>
 
 const struct blk_driver *const blk_drivers[] = { FORMAT_TABLE NULL };
@@ -390,6 +391,22 @@ int blk_discard(struct blk *bs, uint64_t off, uint64_t len)
 	if (!bs->drv->discard)
 		return 0;	/* discard is advisory */
 	return LOCKED(bs, bs->drv->discard(bs, off, len));
+}
+
+unsigned blk_aio_align(struct blk *bs)
+{
+	if (!ENABLE_LIBAIO || !(bs->drv->caps & BLK_CAP_FILE_MAP) ||
+	    !bs->file->direct)
+		return 0;
+	return bs->file->align;
+}
+
+int blk_aio_init(struct blk_aio **pq, struct blk *bs, int depth)
+{
+	*pq = NULL;
+	if (!blk_aio_align(bs))
+		return -ENOTSUP;
+	return bfile_aio_init(pq, bs->file, depth);
 }
 
 bool blk_same_file(const struct blk *a, const struct blk *b)
