@@ -26,8 +26,7 @@
 #include <limits.h>
 #include <time.h>
 #include "imgbox.h"
-#include "blk_driver.h"
-#include "baio.h"
+#include "blk.h"
 
 struct bench {
 	struct blk *bs;
@@ -164,9 +163,8 @@ static int run_threads(struct bench *b)
 
 /* ---- libaio path: one thread, depth requests in flight ---- */
 
-static int run_aio(struct bench *b, struct baio *a)
+static int run_aio(struct bench *b, struct blk_aio *a)
 {
-	struct bfile *f = b->bs->file;
 	long n = MAX(MIN(b->depth, b->count), 1);
 	uint8_t **bufs = calloc((size_t)n, sizeof(*bufs));
 	void **tags = calloc((size_t)n, sizeof(*tags));
@@ -194,19 +192,19 @@ static int run_aio(struct bench *b, struct baio *a)
 		       !(b->flush_interval && b->drain &&
 			 since_flush >= b->flush_interval)) {
 			void *buf = tags[--nfree];
-			ret = baio_submit(a, f, b->write, b->offset, buf,
-					  b->bufsize, buf);
+			ret = blk_aio_submit(a, b->write, b->offset, buf,
+					     b->bufsize, buf);
 			if (ret < 0)
 				goto out;
 			b->offset = next_offset(b, b->offset);
 			b->issued++;
 			since_flush++;
 		}
-		if (baio_inflight(a)) {
+		if (blk_aio_inflight(a)) {
 			void *done[64];
 			long r[64];
-			int got = baio_reap(a, 1, done, r,
-					    (int)MIN(64, baio_inflight(a)));
+			int got = blk_aio_reap(a, 1, done, r,
+					(int)MIN(64, blk_aio_inflight(a)));
 			if (got < 0) {
 				ret = got;
 				goto out;
@@ -222,18 +220,18 @@ static int run_aio(struct bench *b, struct baio *a)
 		}
 		if (b->write && b->flush_interval &&
 		    since_flush >= b->flush_interval &&
-		    (!b->drain || !baio_inflight(a))) {
-			ret = bfile_flush(f);
+		    (!b->drain || !blk_aio_inflight(a))) {
+			ret = blk_flush(b->bs);
 			if (ret < 0)
 				goto out;
 			since_flush = 0;
 		}
 	}
 out:
-	while (baio_inflight(a) > 0) {	/* never free a buffer in flight */
+	while (blk_aio_inflight(a) > 0) { /* never free a buffer in flight */
 		void *done[64];
 		long r[64];
-		if (baio_reap(a, 1, done, r, 64) < 0)
+		if (blk_aio_reap(a, 1, done, r, 64) < 0)
 			break;
 	}
 	if (bufs)
@@ -252,7 +250,8 @@ int bench_main(int argc, char **argv)
 	const char *fmt;
 	int i = opts_parse(argc, argv), cache = CACHE_WRITEBACK, ret;
 	bool native = HAS(n);
-	struct baio *a = NULL;
+	struct blk_aio *a = NULL;
+	unsigned al;
 
 	b.count = 75000;
 	b.depth = 64;
@@ -317,14 +316,13 @@ int bench_main(int argc, char **argv)
 		printf("Sending flush every %ld requests\n", b.flush_interval);
 	fflush(stdout);
 
-	/* libaio only where the request goes to the file unchanged: raw,
+	/* libaio only where the request goes to the file unchanged (raw),
 	 * aligned for O_DIRECT, inside the file. */
-	if (native && !strcmp(b.bs->drv->name, "raw") && b.bs->file->direct &&
-	    b.bufsize && IS_ALIGNED(b.bufsize, b.bs->file->align) &&
-	    IS_ALIGNED(b.step, b.bs->file->align) &&
-	    IS_ALIGNED(b.offset, b.bs->file->align) &&
+	al = blk_aio_align(b.bs);
+	if (native && al && b.bufsize && IS_ALIGNED(b.bufsize, al) &&
+	    IS_ALIGNED(b.step, al) && IS_ALIGNED(b.offset, al) &&
 	    b.bufsize <= b.image_size &&
-	    baio_init(&a, (int)MAX(MIN(b.depth, b.count), 1)) < 0)
+	    blk_aio_init(&a, b.bs, (int)MAX(MIN(b.depth, b.count), 1)) < 0)
 		a = NULL;
 
 	clock_gettime(CLOCK_MONOTONIC, &t0);
@@ -337,7 +335,7 @@ int bench_main(int argc, char **argv)
 	if (!ret && b.write && b.drain)
 		ret = blk_flush(b.bs);
 	clock_gettime(CLOCK_MONOTONIC, &t1);
-	baio_free(a);
+	blk_aio_free(a);
 	if (ret < 0)
 		die("Failed request: %s", strerror(-ret == EINVAL ? EIO : -ret));
 	printf("Run completed in %.3f seconds.\n",

@@ -318,20 +318,15 @@ int convert_main(int argc, char **argv)
 	if (base && tgt->backing) {
 		/* Is the new backing file one of the images of a source's
 		 * chain? Then everything below it is skipped. */
-		struct stat bst, st;
 		co.src_base = calloc((size_t)nsrc, sizeof(*co.src_base));
 		if (!co.src_base)
 			die("out of memory");
-		if (fstat(tgt->backing->file->fd, &bst) == 0)
-			for (int k = 0; k < nsrc; k++)
-				for (struct blk *b = src[k]->backing; b;
-				     b = b->backing)
-					if (fstat(b->file->fd, &st) == 0 &&
-					    st.st_dev == bst.st_dev &&
-					    st.st_ino == bst.st_ino) {
-						co.src_base[k] = b;
-						break;
-					}
+		for (int k = 0; k < nsrc; k++)
+			for (struct blk *b = src[k]->backing; b; b = b->backing)
+				if (blk_same_file(b, tgt->backing)) {
+					co.src_base[k] = b;
+					break;
+				}
 	}
 	co.src = src;
 	co.nsrc = nsrc;

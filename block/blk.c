@@ -6,8 +6,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 #include "blk_driver.h"
+#include <generated/config.h>
 #include <generated/formats.h>
 
 const struct blk_driver *const blk_drivers[] = { FORMAT_TABLE NULL };
@@ -99,11 +99,11 @@ char *blk_backing_path(const struct blk *bs)
 
 static int blk_open_depth(struct blk **pbs, const char *filename,
 			  const char *fmt, unsigned flags, int cache,
-			  int depth, dev_t *devs, ino_t *inos,
+			  int depth, uint64_t *devs, uint64_t *inos,
 			  struct err *e);
 
-static int open_backing(struct blk *bs, int depth, dev_t *devs, ino_t *inos,
-			struct err *e)
+static int open_backing(struct blk *bs, int depth, uint64_t *devs,
+			uint64_t *inos, struct err *e)
 {
 	struct err be;
 	int ret;
@@ -137,25 +137,21 @@ static int open_backing(struct blk *bs, int depth, dev_t *devs, ino_t *inos,
 
 int blk_open_backing(struct blk *bs, struct err *e)
 {
-	dev_t devs[BLK_MAX_CHAIN];
-	ino_t inos[BLK_MAX_CHAIN];
-	struct stat st;
+	uint64_t devs[BLK_MAX_CHAIN];
+	uint64_t inos[BLK_MAX_CHAIN];
 
-	if (fstat(bs->file->fd, &st) < 0)
-		return -errno;
-	devs[0] = st.st_dev;
-	inos[0] = st.st_ino;
+	devs[0] = bs->file->dev;
+	inos[0] = bs->file->ino;
 	return open_backing(bs, 0, devs, inos, e);
 }
 
 static int blk_open_depth(struct blk **pbs, const char *filename,
 			  const char *fmt, unsigned flags, int cache,
-			  int depth, dev_t *devs, ino_t *inos,
+			  int depth, uint64_t *devs, uint64_t *inos,
 			  struct err *e)
 {
 	const struct blk_driver *drv = NULL;
 	struct blk *bs;
-	struct stat st;
 	int ret;
 
 	*pbs = NULL;
@@ -183,17 +179,15 @@ static int blk_open_depth(struct blk **pbs, const char *filename,
 			 (flags & BLK_O_RDWR) ? BFILE_RDWR : 0, cache, e);
 	if (ret < 0)
 		goto fail;
-	if (fstat(bs->file->fd, &st) == 0) {
-		for (int i = 0; i < depth; i++)
-			if (devs[i] == st.st_dev && inos[i] == st.st_ino) {
-				err_set(e, "Backing file loop detected: '%s' "
-					"is its own backing file", filename);
-				ret = -ELOOP;
-				goto fail;
-			}
-		devs[depth] = st.st_dev;
-		inos[depth] = st.st_ino;
-	}
+	for (int i = 0; i < depth; i++)
+		if (devs[i] == bs->file->dev && inos[i] == bs->file->ino) {
+			err_set(e, "Backing file loop detected: '%s' is its "
+				"own backing file", filename);
+			ret = -ELOOP;
+			goto fail;
+		}
+	devs[depth] = bs->file->dev;
+	inos[depth] = bs->file->ino;
 	if (!drv) {
 		uint8_t *buf = calloc(1, 4096);
 		int64_t fsz = bfile_size(bs->file);
@@ -254,8 +248,8 @@ fail:
 int blk_open(struct blk **pbs, const char *filename, const char *fmt,
 	     unsigned flags, int cache, struct err *e)
 {
-	dev_t devs[BLK_MAX_CHAIN];
-	ino_t inos[BLK_MAX_CHAIN];
+	uint64_t devs[BLK_MAX_CHAIN];
+	uint64_t inos[BLK_MAX_CHAIN];
 
 	return blk_open_depth(pbs, filename, fmt, flags, cache, 0, devs, inos,
 			      e);
@@ -397,6 +391,27 @@ int blk_discard(struct blk *bs, uint64_t off, uint64_t len)
 	if (!bs->drv->discard)
 		return 0;	/* discard is advisory */
 	return LOCKED(bs, bs->drv->discard(bs, off, len));
+}
+
+unsigned blk_aio_align(struct blk *bs)
+{
+	if (!ENABLE_LIBAIO || !(bs->drv->caps & BLK_CAP_FILE_MAP) ||
+	    !bs->file->direct)
+		return 0;
+	return bs->file->align;
+}
+
+int blk_aio_init(struct blk_aio **pq, struct blk *bs, int depth)
+{
+	*pq = NULL;
+	if (!blk_aio_align(bs))
+		return -ENOTSUP;
+	return bfile_aio_init(pq, bs->file, depth);
+}
+
+bool blk_same_file(const struct blk *a, const struct blk *b)
+{
+	return a->file->dev == b->file->dev && a->file->ino == b->file->ino;
 }
 
 int blk_flush(struct blk *bs)

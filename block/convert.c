@@ -16,9 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
-#include <unistd.h>
 #include "blk_driver.h"
-#include "baio.h"
 #include "convert.h"
 #include <generated/config.h>
 
@@ -54,7 +52,8 @@ struct conv {
 	bool precompress;		/* driver compresses outside its lock */
 	bool use_copy_range;
 	/* -t none into raw: data writes stay in flight through libaio */
-	struct baio *aio;
+	struct blk_aio *aio;
+	unsigned aio_align;
 	pthread_mutex_t aio_lock;
 
 	pthread_mutex_t lock;
@@ -551,7 +550,7 @@ static void aio_reap_locked(struct conv *c)
 {
 	void *tags[64];
 	long res[64];
-	int n = baio_reap(c->aio, 1, tags, res, 64);
+	int n = blk_aio_reap(c->aio, 1, tags, res, 64);
 
 	if (n < 0) {	/* cannot happen with a valid context */
 		fail(c, n, "error while waiting for writes to '%s': %s",
@@ -592,8 +591,8 @@ static int aio_write(struct worker *w, uint64_t off, uint8_t *buf,
 	r->w = w;
 	r->off = off;
 	pthread_mutex_lock(&c->aio_lock);
-	while ((ret = baio_submit(c->aio, c->o->target->file, true, off, buf,
-				  len, r)) == -EAGAIN)
+	while ((ret = blk_aio_submit(c->aio, true, off, buf, len, r)) ==
+	       -EAGAIN)
 		aio_reap_locked(c);
 	if (!ret)
 		w->pending++;
@@ -606,11 +605,10 @@ static int aio_write(struct worker *w, uint64_t off, uint8_t *buf,
 static bool aio_ok(const struct conv *c, uint64_t off, const void *buf,
 		   uint64_t len)
 {
-	unsigned a;
+	unsigned a = c->aio_align;
 
 	if (!c->aio)
 		return false;
-	a = c->o->target->file->align;
 	return IS_ALIGNED(off, a) && IS_ALIGNED(len, a) &&
 	       IS_ALIGNED((uintptr_t)buf, a);
 }
@@ -641,24 +639,6 @@ static void rate_wait(struct conv *c, uint64_t bytes)
 	}
 }
 
-static int copy_range(struct conv *c, const struct chunk *ch)
-{
-	struct bfile *tf = c->o->target->file;
-	off_t in = (off_t)ch->map, out = (off_t)ch->off;
-	uint64_t left = ch->len;
-
-	while (left) {
-		ssize_t n = copy_file_range(ch->mfile->fd, &in, tf->fd, &out,
-					    (size_t)MIN(left, 1u << 30), 0);
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n <= 0)
-			return n < 0 ? -errno : -EIO;
-		left -= (uint64_t)n;
-	}
-	return 0;
-}
-
 static int write_err(struct conv *c, int ret, uint64_t off)
 {
 	fail(c, ret, "error while writing at byte %llu of '%s': %s",
@@ -675,7 +655,8 @@ static int commit(struct worker *w, const struct chunk *ch)
 
 	if (ch->kind == CK_DATA && c->use_copy_range && ch->mfile) {
 		rate_wait(c, ch->len);
-		ret = copy_range(c, ch);
+		ret = bfile_copy_range(ch->mfile, ch->map, t->file, ch->off,
+				       ch->len);
 		if (ret == 0) {
 			wr = ch->len;
 			goto out;
@@ -849,14 +830,13 @@ int convert_run_stats(const struct convert_opts *o, struct convert_stats *st,
 						   4 * c.cluster), c.align);
 	c.precompress = o->compress && t->drv->compress &&
 			t->drv->write_precompressed;
+	/* the target's bytes are its file's: copy inside the kernel, or
+	 * keep writes in flight when it is opened with O_DIRECT */
 	c.use_copy_range = o->copy_range && !o->compress &&
-			   !strcmp(t->drv->name, "raw") && !t->file->direct;
-	/* (fault injection lives in bfile_*: tests that use it keep the
-	 * synchronous path) */
-	if (ENABLE_LIBAIO && !o->compress && !c.use_copy_range &&
-	    !getenv("IMGBOX_FAULT") &&
-	    !strcmp(t->drv->name, "raw") && t->file->direct &&
-	    baio_init(&c.aio, 256) < 0)
+			   (t->drv->caps & BLK_CAP_FILE_MAP) &&
+			   !t->file->direct;
+	c.aio_align = blk_aio_align(t);
+	if (c.aio_align && !o->compress && blk_aio_init(&c.aio, t, 256) < 0)
 		c.aio = NULL;
 	bsz = c.chunk_max + (size_t)c.cluster;
 	pthread_mutex_init(&c.aio_lock, NULL);
@@ -911,7 +891,7 @@ int convert_run_stats(const struct convert_opts *o, struct convert_stats *st,
 	}
 	if (st)
 		*st = c.st;
-	baio_free(c.aio);
+	blk_aio_free(c.aio);
 	pthread_mutex_destroy(&c.aio_lock);
 	pthread_cond_destroy(&c.turn);
 	pthread_mutex_destroy(&c.lock);

@@ -1,6 +1,8 @@
 /* file.c - the file protocol: every byte imgbox reads or writes goes
- * through here (regular files and block devices). One choke point for
- * O_DIRECT bounce buffers, flush policy and fault injection. */
+ * through here (regular files and block devices), synchronously, in flight
+ * through Linux AIO or copied inside the kernel. It is the only file that
+ * makes I/O system calls on images: one choke point for O_DIRECT bounce
+ * buffers, flush policy and fault injection. */
 #include <errno.h>
 #include <fcntl.h>
 #include <stdatomic.h>
@@ -12,6 +14,9 @@
 #include <unistd.h>
 #include "blk.h"
 #include <generated/config.h>
+#if ENABLE_LIBAIO
+#include <libaio.h>
+#endif
 
 /* From the kernel's uapi headers, which musl-gcc does not see. */
 #ifndef BLKGETSIZE64
@@ -32,7 +37,9 @@
 
 /* ---- fault injection: IMGBOX_FAULT=op:errno:n[,op:errno:n...] makes the
  * n-th (1-based) and every later call of op (read, write, flush, trunc)
- * fail with errno. Tests use it for ENOSPC and EIO paths. */
+ * fail with errno. Tests use it for ENOSPC and EIO paths. A copy inside
+ * the kernel counts as a read and a write; a request in flight fails when
+ * it completes, as a real transfer error would. */
 enum { F_READ, F_WRITE, F_FLUSH, F_TRUNC, F_NR };
 static struct {
 	int init;
@@ -133,6 +140,8 @@ int bfile_open(struct bfile **pf, const char *name, unsigned flags,
 		return -EINVAL;
 	}
 	f->is_blockdev = S_ISBLK(st.st_mode);
+	f->dev = st.st_dev;
+	f->ino = st.st_ino;
 	f->direct = !!(oflags & O_DIRECT);
 	f->no_flush = cache == CACHE_UNSAFE;
 	f->read_only = !(oflags & O_RDWR);
@@ -437,3 +446,164 @@ int bfile_block_status(struct bfile *f, uint64_t off, uint64_t len,
 	*pnum = MIN((uint64_t)hole - off, len);
 	return BLK_STAT_DATA;
 }
+
+int bfile_copy_range(struct bfile *src, uint64_t soff, struct bfile *dst,
+		     uint64_t doff, uint64_t len)
+{
+	off_t in = (off_t)soff, out = (off_t)doff;
+	int ret = fault_hit(F_READ);
+
+	if (!ret)
+		ret = fault_hit(F_WRITE);
+	if (ret)
+		return ret;
+	if (dst->read_only)
+		return -EBADF;
+	while (len) {
+		ssize_t n = copy_file_range(src->fd, &in, dst->fd, &out,
+					    (size_t)MIN(len, 1u << 30), 0);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+			return n < 0 ? -errno : -EIO;
+		len -= (uint64_t)n;
+	}
+	return 0;
+}
+
+/* ---- requests in flight (Linux AIO) ---- */
+#if ENABLE_LIBAIO
+struct blk_aio {
+	io_context_t ctx;
+	struct bfile *f;
+	int depth;
+	struct iocb *cbs;		/* depth control blocks */
+	struct iocb **free;		/* stack of unused ones */
+	int nfree;
+	struct io_event *ev;
+};
+
+int bfile_aio_init(struct blk_aio **pq, struct bfile *f, int depth)
+{
+	struct blk_aio *q = calloc(1, sizeof(*q));
+	int ret;
+
+	*pq = NULL;
+	if (!q)
+		return -ENOMEM;
+	q->f = f;
+	q->depth = depth;
+	q->cbs = calloc((size_t)depth, sizeof(*q->cbs));
+	q->free = calloc((size_t)depth, sizeof(*q->free));
+	q->ev = calloc((size_t)depth, sizeof(*q->ev));
+	if (!q->cbs || !q->free || !q->ev) {
+		blk_aio_free(q);
+		return -ENOMEM;
+	}
+	ret = io_setup(depth, &q->ctx);
+	if (ret < 0) {
+		q->ctx = 0;
+		blk_aio_free(q);
+		return ret;
+	}
+	for (int i = 0; i < depth; i++)
+		q->free[q->nfree++] = &q->cbs[i];
+	*pq = q;
+	return 0;
+}
+
+void blk_aio_free(struct blk_aio *q)
+{
+	if (!q)
+		return;
+	if (q->ctx)
+		io_destroy(q->ctx);
+	free(q->cbs);
+	free(q->free);
+	free(q->ev);
+	free(q);
+}
+
+int blk_aio_submit(struct blk_aio *q, bool write, uint64_t off, void *buf,
+		   size_t len, void *tag)
+{
+	struct iocb *cb;
+	int ret;
+
+	if (!q->nfree)
+		return -EAGAIN;
+	cb = q->free[--q->nfree];
+	if (write)
+		io_prep_pwrite(cb, q->f->fd, buf, len, (long long)off);
+	else
+		io_prep_pread(cb, q->f->fd, buf, len, (long long)off);
+	cb->data = tag;
+	do
+		ret = io_submit(q->ctx, 1, &cb);
+	while (ret == -EINTR || ret == -EAGAIN);
+	if (ret != 1) {
+		q->free[q->nfree++] = cb;
+		return ret < 0 ? ret : -EIO;
+	}
+	return 0;
+}
+
+int blk_aio_reap(struct blk_aio *q, int min, void **tags, long *res, int max)
+{
+	int n;
+
+	if (max > q->depth)
+		max = q->depth;
+	do
+		n = io_getevents(q->ctx, min, max, q->ev, NULL);
+	while (n == -EINTR);
+	if (n < 0)
+		return n;
+	for (int i = 0; i < n; i++) {
+		struct iocb *cb = q->ev[i].obj;
+		long r = (long)q->ev[i].res;
+
+		tags[i] = cb->data;
+		/* a short transfer is an error for a block request */
+		if (r >= 0 && (size_t)r != cb->u.c.nbytes)
+			r = -EIO;
+		if (r >= 0) {
+			int fe = fault_hit(cb->aio_lio_opcode == IO_CMD_PWRITE ?
+					   F_WRITE : F_READ);
+			if (fe)
+				r = fe;
+		}
+		res[i] = r;
+		q->free[q->nfree++] = cb;
+	}
+	return n;
+}
+
+int blk_aio_inflight(const struct blk_aio *q)
+{
+	return q->depth - q->nfree;
+}
+
+#else
+
+int bfile_aio_init(struct blk_aio **pq, struct bfile *f, int depth)
+{
+	(void)f;
+	(void)depth;
+	*pq = NULL;
+	return -ENOSYS;
+}
+void blk_aio_free(struct blk_aio *q) { (void)q; }
+int blk_aio_submit(struct blk_aio *q, bool write, uint64_t off, void *buf,
+		   size_t len, void *tag)
+{
+	(void)q; (void)write; (void)off; (void)buf; (void)len; (void)tag;
+	return -ENOSYS;
+}
+int blk_aio_reap(struct blk_aio *q, int min, void **tags, long *res, int max)
+{
+	(void)q; (void)min; (void)tags; (void)res; (void)max;
+	return -ENOSYS;
+}
+int blk_aio_inflight(const struct blk_aio *q) { (void)q; return 0; }
+#endif

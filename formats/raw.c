@@ -160,7 +160,7 @@ const struct blk_driver raw_driver = {
 	.name = "raw",
 	.caps = BLK_CAP_CREATE | BLK_CAP_WRITE | BLK_CAP_ZERO_INIT |
 		BLK_CAP_THREADSAFE | BLK_CAP_RESIZE | BLK_CAP_SHRINK |
-		BLK_CAP_MEASURE | BLK_CAP_ZERO_WRITES,
+		BLK_CAP_MEASURE | BLK_CAP_ZERO_WRITES | BLK_CAP_FILE_MAP,
 	.create_opts = raw_create_opts,
 	.probe = raw_probe,
 	.open = raw_open,

@@ -40,6 +40,7 @@ struct bfile {
 	bool read_only;
 	bool is_blockdev;
 	unsigned align;		/* required alignment with O_DIRECT */
+	uint64_t dev, ino;	/* identity, for loops and same-file tests */
 };
 #define BFILE_RDWR	0x1
 #define BFILE_CREATE	0x2	/* O_CREAT|O_TRUNC */
@@ -63,6 +64,14 @@ int bfile_discard(struct bfile *f, uint64_t off, uint64_t len);
  * its length (capped at len) in *pnum. */
 int bfile_block_status(struct bfile *f, uint64_t off, uint64_t len,
 		       uint64_t *pnum);
+/* Copies len bytes inside the kernel (copy_file_range). -EXDEV, -EINVAL,
+ * -ENOSYS, -EOPNOTSUPP, -ENOTSUP, -EBADF: not possible between these
+ * files; use reads and writes. */
+int bfile_copy_range(struct bfile *src, uint64_t soff, struct bfile *dst,
+		     uint64_t doff, uint64_t len);
+struct blk_aio;
+/* For blk_aio_init: a queue of requests in flight on f. */
+int bfile_aio_init(struct blk_aio **pq, struct bfile *f, int depth);
 /* Allocate an aligned I/O buffer (4 KiB aligned); free with free(). */
 void *blk_alloc_buf(size_t len);
 
@@ -173,6 +182,25 @@ int blk_block_status(struct blk *bs, uint64_t off, uint64_t len,
 int blk_block_status_above(struct blk *bs, struct blk *base, uint64_t off,
 			   uint64_t len, uint64_t *pnum, uint64_t *map,
 			   struct bfile **mfile, int *depth);
+/* Requests in flight from one thread (Linux AIO, img-bench -n, convert
+ * -t none) on an image whose guest bytes are its file's bytes, opened with
+ * O_DIRECT. blk_aio_align is the alignment of offset, length and buffer
+ * such requests need, 0 when bs cannot take them; without libaio every
+ * call fails with -ENOSYS and callers use threads. */
+unsigned blk_aio_align(struct blk *bs);
+int blk_aio_init(struct blk_aio **pq, struct blk *bs, int depth);
+void blk_aio_free(struct blk_aio *q);
+/* -EAGAIN when depth requests are already in flight. */
+int blk_aio_submit(struct blk_aio *q, bool write, uint64_t off, void *buf,
+		   size_t len, void *tag);
+/* Waits for at least min completions; fills tags[i] and res[i] (bytes or
+ * -errno) and returns how many. */
+int blk_aio_reap(struct blk_aio *q, int min, void **tags, long *res,
+		 int max);
+int blk_aio_inflight(const struct blk_aio *q);
+/* Both images are the same file. */
+bool blk_same_file(const struct blk *a, const struct blk *b);
+
 /* Read for a range this layer does not allocate: from the backing image,
  * zeroes where there is none or past its end. For drivers. */
 int blk_read_backing(struct blk *bs, uint64_t off, void *buf, size_t len);

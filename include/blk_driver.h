@@ -24,6 +24,9 @@
 #define BLK_CAP_AMEND		0x0400
 #define BLK_CAP_MEASURE		0x0800
 #define BLK_CAP_ZERO_WRITES	0x1000	/* pwrite_zeroes is cheap */
+/* Guest byte N is byte N of bs->file, so requests may go to the file as
+ * they are (libaio, copy offload). */
+#define BLK_CAP_FILE_MAP	0x2000
 
 struct blk_driver {
 	const char *name;
