@@ -61,6 +61,7 @@ struct conv {
 	uint64_t cursor, next_seq, commit_seq;
 	uint64_t done;
 	int ret;			/* first error */
+	uint64_t fail_key;		/* its offset (fail_at) */
 	struct err *e;
 	bool stop;
 
@@ -85,14 +86,21 @@ struct aioreq {
 	uint64_t off;
 };
 
-static void fail(struct conv *c, int ret, const char *fmt, ...) PRINTF(3, 4);
-static void fail(struct conv *c, int ret, const char *fmt, ...)
+/* The first error is kept, except that a read error replaces any error
+ * reported for a later offset: workers finish the chunks they claimed, so
+ * the message names the lowest failing offset, as a sequential copy would,
+ * whatever the order in which the threads ran. */
+static void fail_at(struct conv *c, uint64_t key, int ret, const char *fmt,
+		    ...) PRINTF(4, 5);
+static void fail_at(struct conv *c, uint64_t key, int ret, const char *fmt,
+		    ...)
 {
 	va_list ap;
 
 	pthread_mutex_lock(&c->lock);
-	if (!c->ret) {
+	if (!c->ret || key < c->fail_key) {
 		c->ret = ret;
+		c->fail_key = key;
 		va_start(ap, fmt);
 		vsnprintf(c->e->msg, sizeof(c->e->msg), fmt, ap);
 		va_end(ap);
@@ -101,6 +109,7 @@ static void fail(struct conv *c, int ret, const char *fmt, ...)
 	pthread_cond_broadcast(&c->turn);
 	pthread_mutex_unlock(&c->lock);
 }
+#define fail(c, ...) fail_at(c, UINT64_MAX, __VA_ARGS__)
 
 /* ---- zero scanning ---- */
 
@@ -223,9 +232,9 @@ static int read_virtual(struct worker *w, uint64_t off, uint8_t *buf,
 		if (ret < 0 && c->o->salvage)
 			ret = salvage_read(w, bs, soff, buf, n);
 		if (ret < 0) {
-			fail(c, ret, "error while reading at byte %llu of "
-			     "'%s': %s", (unsigned long long)soff,
-			     bs->filename, strerror(-ret));
+			fail_at(c, off, ret, "error while reading at byte "
+				"%llu of '%s': %s", (unsigned long long)soff,
+				bs->filename, strerror(-ret));
 			return ret;
 		}
 		buf += n;
