@@ -19,46 +19,16 @@
 
 #define FOR_amend
 #include "imgbox.h"
-#include "blk_driver.h"
 
-static const char *type_name(enum opt_type t)
+static int amend_help(const char *fmt)
 {
-	switch (t) {
-	case OPT_SIZE: return "size";
-	case OPT_BOOL: return "bool (on/off)";
-	case OPT_NUMBER: return "num";
-	default: return "str";
-	}
-}
-
-static int amend_help(const struct blk_driver *drv)
-{
-	const struct optdesc *d, *list[64];
-	int n = 0;
-
-	if (!drv->amend || !drv->amend_opts) {
+	if (!blk_format_amend_opts(fmt)) {
 		msg("Format driver '%s' does not support option amendment",
-		    drv->name);
+		    fmt);
 		return 1;
 	}
-	for (d = drv->amend_opts; d->name && n < 64; d++)
-		if (!d->hidden)
-			list[n++] = d;
-	for (int i = 1; i < n; i++)
-		for (int j = i; j > 0 && strcmp(list[j - 1]->name,
-						list[j]->name) > 0; j--) {
-			const struct optdesc *t = list[j];
-			list[j] = list[j - 1];
-			list[j - 1] = t;
-		}
-	printf("Amend options for '%s':\n", drv->name);
-	for (int i = 0; i < n; i++) {
-		char head[128];
-		int len = snprintf(head, sizeof(head), "  %s=<%s>",
-				   list[i]->name, type_name(list[i]->type));
-		printf("%s%*s - %s\n", head, len < 24 ? 24 - len : 0, "",
-		       list[i]->help);
-	}
+	printf("Amend options for '%s':\n", fmt);
+	print_opt_help(blk_format_amend_opts(fmt), false);
 	return 0;
 }
 
@@ -69,16 +39,6 @@ static const struct optdesc *find_opt(const struct optdesc *d,
 		if (!strcmp(d->name, name))
 			return d;
 	return NULL;
-}
-
-static bool progress;
-
-static void progress_print(const char *pct)
-{
-	if (!progress)
-		return;
-	printf("    (%s/100%%)\r", pct);
-	fflush(stdout);
 }
 
 int amend_main(int argc, char **argv)
@@ -97,13 +57,12 @@ int amend_main(int argc, char **argv)
 	i = opts_parse(argc, argv);
 	if (!HAS(o))
 		die_usage("Must specify options (-o)");
-	progress = HAS(p) && !HAS(q);
+	progress_start(HAS(p) && !HAS(q));
 	fmt = HAS(f) ? ARG(f) : NULL;
 	if (fmt && opts_want_help(ARG(o))) {
-		const struct blk_driver *drv = blk_find_driver(fmt);
-		if (!drv)
+		if (!blk_format_exists(fmt))
 			die("Unknown file format '%s'", fmt);
-		return amend_help(drv);
+		return amend_help(fmt);
 	}
 	if (i != argc - 1)
 		die("Expecting one image file name");
@@ -115,12 +74,12 @@ int amend_main(int argc, char **argv)
 	bs = open_image(filename, fmt, BLK_O_RDWR | BLK_O_NO_BACKING, cache);
 	ret = 1;
 	if (opts_want_help(ARG(o))) {
-		ret = amend_help(bs->drv);
+		ret = amend_help(blk_format(bs));
 		goto out;
 	}
-	if (!bs->drv->amend || !(bs->drv->caps & BLK_CAP_AMEND)) {
+	if (!blk_format_amend_opts(blk_format(bs))) {
 		msg("Format driver '%s' does not support option amendment",
-		    bs->drv->name);
+		    blk_format(bs));
 		goto out;
 	}
 	if (optlist_parse(&ol, ARG(o), &e) < 0) {
@@ -131,9 +90,9 @@ int amend_main(int argc, char **argv)
 		const char *name = ol.v[k].name;
 		const struct optdesc *d;
 
-		if (find_opt(bs->drv->amend_opts, name))
+		if (find_opt(blk_format_amend_opts(blk_format(bs)), name))
 			continue;
-		d = find_opt(bs->drv->create_opts, name);
+		d = find_opt(blk_format_create_opts(blk_format(bs)), name);
 		if (d && !d->hidden)
 			msg("Invalid parameter '%s'\nThis option is only "
 			    "supported for image creation", name);
@@ -141,16 +100,17 @@ int amend_main(int argc, char **argv)
 			msg("Invalid parameter '%s'", name);
 		goto out;
 	}
-	if (optlist_validate(&ol, bs->drv->amend_opts, bs->drv->name,
-			     &e) < 0) {
+	/* validated before the progress line starts (blk_amend checks
+	 * again) */
+	if (optlist_validate(&ol, blk_format_amend_opts(blk_format(bs)),
+			     blk_format(bs), &e) < 0) {
 		msg("%s", e.msg);
 		goto out;
 	}
-	progress_print("0.00");
-	ret = bs->drv->amend(bs, &ol, HAS(force), &e);
-	progress_print("100.00");
-	if (progress)
-		printf("\n");
+	progress_print(0);
+	ret = blk_amend(bs, &ol, HAS(force), &e);
+	progress_print(100);
+	progress_end();
 	if (ret < 0) {
 		msg("%s", e.msg[0] ? e.msg : strerror(-ret));
 		ret = 1;

@@ -24,7 +24,6 @@
 #define FOR_check
 #include <inttypes.h>
 #include "imgbox.h"
-#include "blk_driver.h"
 
 /* The ImageCheck object qemu-img prints: counters that are zero are left
  * out, except check-errors. */
@@ -94,9 +93,7 @@ static int run_check(struct blk *bs, struct check_result *r, int fix)
 {
 	memset(r, 0, sizeof(*r));
 	bs->errmsg[0] = 0;
-	if (!bs->drv->check || !(bs->drv->caps & BLK_CAP_CHECK))
-		return -ENOTSUP;
-	return bs->drv->check(bs, r, fix);
+	return blk_check(bs, r, fix);
 }
 
 int check_main(int argc, char **argv)
@@ -152,7 +149,7 @@ int check_main(int argc, char **argv)
 	}
 	if (!ret && !quiet) {
 		if (json) {
-			struct val *o = check_val(&r, filename, bs->drv->name);
+			struct val *o = check_val(&r, filename, blk_format(bs));
 			val_print_json(stdout, o, 0);
 			printf("\n");
 			val_free(o);

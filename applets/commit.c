@@ -25,30 +25,18 @@
 #include <stdarg.h>
 #include <time.h>
 #include "imgbox.h"
-#include "blk_driver.h"
 
 #define BUF_SIZE	(4u << 20)
 
-static struct {
-	bool on;
-	float last;
-} progress;
+static float progress_last;
 
+/* redrawn after each 1% */
 static void progress_at(float cur)
 {
-	if (!progress.on)
-		return;
-	if (cur > progress.last + 1.0f || cur == 0 || cur == 100) {
-		progress.last = cur;
-		printf("    (%3.2f/100%%)\r", (double)cur);
-		fflush(stdout);
+	if (cur > progress_last + 1.0f || cur == 0 || cur == 100) {
+		progress_last = cur;
+		progress_print(cur);
 	}
-}
-
-static void progress_end(void)
-{
-	if (progress.on)
-		printf("\n");
 }
 
 NORETURN static void fail(const char *fmt, ...) PRINTF(1, 2);
@@ -57,12 +45,9 @@ static void fail(const char *fmt, ...)
 	va_list ap;
 
 	progress_end();
-	fflush(stdout);
-	fprintf(stderr, "%s: ", progname);
 	va_start(ap, fmt);
-	vfprintf(stderr, fmt, ap);
+	vmsg(fmt, ap);
 	va_end(ap);
-	fputc('\n', stderr);
 	die_exit(1);
 }
 
@@ -135,20 +120,6 @@ static void rate_wait(uint64_t rate, uint64_t done,
 	nanosleep(&ts, NULL);
 }
 
-static uint64_t parse_rate(const char *s)
-{
-	uint64_t v;
-	int ret = parse_size(s, &v);
-
-	if (ret == -ERANGE || (ret == 0 && v > INT64_MAX))
-		die("Invalid rate limit specified. Must be between 0 and "
-		    "%lld.", (long long)INT64_MAX);
-	if (ret < 0)
-		die("Invalid rate limit specified. You may use k, M, G, T, P "
-		    "or E suffixes for\n%s: kilobytes, megabytes, gigabytes, "
-		    "terabytes, petabytes and exabytes.", progname);
-	return v;
-}
 
 int commit_main(int argc, char **argv)
 {
@@ -156,7 +127,8 @@ int commit_main(int argc, char **argv)
 	const char *filename, *what = "";
 	struct blk *top, *base, *parent, *nb;
 	struct err e = { "" };
-	uint64_t rate = HAS(r) ? parse_rate(ARG(r)) : 0, off, n, done = 0;
+	uint64_t rate = HAS(r) ? (uint64_t)cli_number(ARG(r), "rate limit", 0,
+						   INT64_MAX) : 0, off, n, done = 0;
 	bool drop = HAS(d) || HAS(b);
 	struct timespec start;
 	uint8_t *buf = NULL;
@@ -170,7 +142,7 @@ int commit_main(int argc, char **argv)
 	if (HAS(t) && blk_parse_cache(ARG(t), &cache) < 0)
 		die("Invalid cache option: %s", ARG(t));
 	top = open_image(filename, HAS(f) ? ARG(f) : NULL, BLK_O_RDWR, cache);
-	progress.on = HAS(p) && !HAS(q);
+	progress_start(HAS(p) && !HAS(q));
 	progress_at(0);
 
 	parent = NULL;
@@ -194,7 +166,7 @@ int commit_main(int argc, char **argv)
 	base = parent->backing;
 	path = strdup(base->filename);
 	{
-		char *fmt = strdup(base->drv->name);
+		char *fmt = strdup(blk_format(base));
 		unsigned probed = base->flags & BLK_O_PROBED;
 
 		if (!path || !fmt)
@@ -273,9 +245,9 @@ int commit_main(int argc, char **argv)
 	}
 	progress_at(100);
 	/* Only now that the base holds everything may the top forget it. */
-	if (!drop && top->drv->make_empty) {
-		ret = top->drv->make_empty(top);
-		if (ret < 0) {
+	if (!drop) {
+		ret = blk_make_empty(top);
+		if (ret < 0 && ret != -ENOTSUP) {
 			progress_end();
 			msg("Could not empty %s: %s", filename,
 			    top->errmsg[0] ? top->errmsg : strerror(-ret));

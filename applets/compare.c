@@ -24,7 +24,6 @@
 #include <pthread.h>
 #include <unistd.h>
 #include "imgbox.h"
-#include "blk_driver.h"
 
 /* qemu-img compares in pieces of this size, and a read error names the
  * start of the piece, so we cut the same pieces. */
@@ -60,14 +59,14 @@ struct cmp {
 	pthread_t *threads;
 	int nthreads;
 	/* progress (-p), as qemu-img prints it */
-	bool progress;
 	float cur, last;
 	uint64_t progress_base;
 };
 
-static void progress_print(struct cmp *c, uint64_t delta)
+/* redrawn after each 2% */
+static void progress_step(struct cmp *c, uint64_t delta)
 {
-	if (!c->progress)
+	if (!progress_shown())
 		return;
 	if (c->progress_base)
 		c->cur += (float)delta / (float)c->progress_base * 100.0f;
@@ -76,8 +75,7 @@ static void progress_print(struct cmp *c, uint64_t delta)
 	if (c->cur > c->last + 2.0f || c->cur == 0 || c->cur == 100 ||
 	    delta == 0) {
 		c->last = c->cur;
-		printf("    (%3.2f/100%%)\r", (double)c->cur);
-		fflush(stdout);
+		progress_print(c->cur);
 	}
 }
 
@@ -219,8 +217,7 @@ NORETURN static void finish(struct cmp *c, int code)
 {
 	if (c->nthreads)
 		stop_workers(c);
-	if (c->progress)
-		printf("\n");
+	progress_end();
 	blk_close(c->bs[0]);
 	blk_close(c->bs[1]);
 	die_exit(code);
@@ -249,7 +246,7 @@ static void consume_one(struct cmp *c)
 		    strerror(t->err));
 		finish(c, 4);
 	}
-	progress_print(c, t->len);
+	progress_step(c, t->len);
 }
 
 static void drain(struct cmp *c)
@@ -337,11 +334,10 @@ static int status(struct cmp *c, int i, uint64_t off, uint64_t *pnum)
 	}
 	if ((st & (BLK_STAT_DATA | BLK_STAT_OFFSET | BLK_STAT_ZERO)) ==
 	    (BLK_STAT_DATA | BLK_STAT_OFFSET) && mf) {
-		int64_t fsize = bfile_size(mf);
-		int fs = bfile_block_status(mf, map, *pnum, &n);
+		bool to_end;
+		int fs = blk_file_status(mf, map, *pnum, &n, &to_end);
 
-		if (fs >= 0 && fsize >= 0 && (fs & BLK_STAT_ZERO) &&
-		    map + n >= (uint64_t)fsize)
+		if (fs >= 0 && (fs & BLK_STAT_ZERO) && to_end)
 			st |= BLK_STAT_ZERO;	/* a hole to the end */
 		else if (fs >= 0) {
 			*pnum = MIN(*pnum, n);
@@ -384,7 +380,7 @@ int compare_main(int argc, char **argv)
 	c.name[0] = argv[i];
 	c.name[1] = argv[i + 1];
 	c.quiet = HAS(q);
-	c.progress = HAS(p) && !c.quiet;
+	progress_start(HAS(p) && !c.quiet);
 	if (HAS(T) && blk_parse_cache(ARG(T), &cache) < 0) {
 		msg("Invalid source cache option: %s", ARG(T));
 		finish(&c, 2);
@@ -398,7 +394,7 @@ int compare_main(int argc, char **argv)
 	min_size = MIN(c.bs[0]->size, c.bs[1]->size);
 	max_size = MAX(c.bs[0]->size, c.bs[1]->size);
 	c.progress_base = max_size;
-	progress_print(&c, 0);
+	progress_step(&c, 0);
 
 	if (HAS(s) && c.bs[0]->size != c.bs[1]->size) {
 		if (!c.quiet)

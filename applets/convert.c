@@ -41,12 +41,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 #include "imgbox.h"
-#include "blk_driver.h"
-#include "convert.h"
 
 static volatile sig_atomic_t usr1;
 static struct blk **src;	/* static: still reachable when we die */
-static bool show_progress;
 static double last_pct = -100;
 
 static void on_usr1(int sig)
@@ -64,15 +61,13 @@ static void progress(void *opaque, uint64_t done, uint64_t total)
 	(void)opaque;
 	if (usr1) {
 		usr1 = 0;
-		printf("    (%3.2f/100%%)\n", pct);
-		fflush(stdout);
+		progress_line(pct, true);
 	}
-	if (!show_progress)
+	if (!progress_shown())
 		return;
 	if (pct - last_pct >= 1.0 || (done == total && last_pct < 100.0)) {
 		last_pct = pct;
-		printf("    (%3.2f/100%%)\r", pct);
-		fflush(stdout);
+		progress_print(pct);
 	}
 }
 
@@ -138,53 +133,9 @@ static void check_objects(const char *s)
 	optlist_free(&l);
 }
 
-/* -l: "snapshot.id=ID,snapshot.name=NAME", or an ID or NAME; the source
- * then reads as that internal snapshot. */
-static void load_snapshot(struct blk *in, const char *arg)
-{
-	struct optlist sn = { 0 };
-	struct err e = { "" };
-	const char *id = arg, *name = NULL;
-	int ret;
-
-	if (!strncmp(arg, "snapshot.", 9)) {
-		if (optlist_parse(&sn, arg, &e) < 0) {
-			msg("%s", e.msg);
-			die("Failed in parsing snapshot param '%s'", arg);
-		}
-		for (int i = 0; i < sn.n; i++)
-			if (strcmp(sn.v[i].name, "snapshot.id") &&
-			    strcmp(sn.v[i].name, "snapshot.name")) {
-				msg("Invalid parameter '%s'", sn.v[i].name);
-				die("Failed in parsing snapshot param '%s'",
-				    arg);
-			}
-		id = optlist_get(&sn, "snapshot.id");
-		name = optlist_get(&sn, "snapshot.name");
-	}
-	if (!in->drv->snapshot_load_tmp)
-		die("Failed to load snapshot: Block format '%s' used by device "
-		    "'' does not support temporarily loading internal "
-		    "snapshots", in->drv->name);
-	if (!id && !name)
-		die("Failed to load snapshot: snapshot_id and snapshot_name "
-		    "are both NULL");
-	ret = in->drv->snapshot_load_tmp(in, id, name, &e);
-	if (!sn.n && (ret == -ENOENT || ret == -EINVAL)) {
-		/* a plain argument is an ID, else a name */
-		e.msg[0] = 0;
-		ret = in->drv->snapshot_load_tmp(in, NULL, arg, &e);
-	}
-	if (ret < 0)
-		die("Failed to load snapshot: %s",
-		    e.msg[0] ? e.msg : strerror(-ret));
-	optlist_free(&sn);
-}
-
 int convert_main(int argc, char **argv)
 {
 	const char *out_fmt, *src_fmt, *out_name, *base, *base_fmt;
-	const struct blk_driver *drv = NULL;
 	struct convert_opts co = { 0 };
 	struct optlist ol = { 0 };
 	struct err e = { "" };
@@ -228,10 +179,9 @@ int convert_main(int argc, char **argv)
 	nsrc = argc - i - 1;
 	out_name = nsrc >= 1 ? argv[argc - 1] : NULL;
 	if (HAS(o) && opts_want_help(ARG(o))) {
-		drv = blk_find_driver(out_fmt);
-		if (!drv || !(drv->caps & BLK_CAP_CREATE))
+		if (!blk_format_can(out_fmt, BLK_CAP_CREATE))
 			die("Unknown file format '%s'", out_fmt);
-		print_create_help(drv, out_name != NULL);
+		print_create_help(out_fmt, out_name != NULL);
 		return 0;
 	}
 	if (nsrc < 1)
@@ -260,31 +210,30 @@ int convert_main(int argc, char **argv)
 	if (!skip_create) {
 		const char *bf;
 
-		drv = blk_find_driver(out_fmt);
-		if (!drv)
+		if (!blk_format_exists(out_fmt))
 			die("Unknown file format '%s'", out_fmt);
-		if (!(drv->caps & BLK_CAP_CREATE))
+		if (!blk_format_can(out_fmt, BLK_CAP_CREATE))
 			die("Format driver '%s' does not support image "
 			    "creation", out_fmt);
 		if (HAS(o) && optlist_parse(&ol, ARG(o), &e) < 0)
 			die("%s", e.msg);
-		if (optlist_validate(&ol, drv->create_opts, out_fmt, &e) < 0)
+		if (optlist_validate(&ol, blk_format_create_opts(out_fmt), out_fmt, &e) < 0)
 			die("%s", e.msg);
 		snprintf(num, sizeof(num), "%llu", (unsigned long long)total);
 		optlist_set(&ol, "size", num);
 		if (base) {
-			if (!(drv->caps & BLK_CAP_BACKING))
+			if (!blk_format_can(out_fmt, BLK_CAP_BACKING))
 				die("Backing file not supported for file "
 				    "format '%s'", out_fmt);
 			optlist_set(&ol, "backing_file", base);
 		}
 		if (base_fmt) {
-			if (!(drv->caps & BLK_CAP_BACKING))
+			if (!blk_format_can(out_fmt, BLK_CAP_BACKING))
 				die("Backing file format not supported for "
 				    "file format '%s'", out_fmt);
 			optlist_set(&ol, "backing_fmt", base_fmt);
 		}
-		if (HAS(c) && !(drv->caps & BLK_CAP_COMPRESS))
+		if (HAS(c) && !blk_format_can(out_fmt, BLK_CAP_COMPRESS))
 			die("Compression not supported for this file format");
 		bf = optlist_get(&ol, "backing_file");
 		if (bf && bf[0] && !optlist_get(&ol, "backing_fmt"))
@@ -310,7 +259,7 @@ int convert_main(int argc, char **argv)
 	if (skip_create) {
 		if (tgt->size < total)
 			die("output file is smaller than input file");
-		if (HAS(c) && !(tgt->drv->caps & BLK_CAP_COMPRESS))
+		if (HAS(c) && !(blk_can(tgt, BLK_CAP_COMPRESS)))
 			die("Compression not supported for this file format");
 		base = tgt->backing ? tgt->backing_file : NULL;
 	}
@@ -344,18 +293,17 @@ int convert_main(int argc, char **argv)
 	co.min_sparse = sparse;
 	co.target_has_backing = base != NULL;
 	co.target_is_zero = HAS(target_is_zero) ||
-		(created && !base && (drv->caps & BLK_CAP_ZERO_INIT));
+		(created && !base && blk_format_can(out_fmt, BLK_CAP_ZERO_INIT));
 	co.copy_range = HAS(C);
 	co.salvage = HAS(salvage);
 	co.rate_limit = rate;
-	show_progress = HAS(p) && !HAS(q);
+	progress_start(HAS(p) && !HAS(q));
 	co.progress = progress;
 	co.warn = HAS(q) ? NULL : warn;
 
 	ret = convert_run(&co, &e);
 	if (ret < 0) {
-		if (show_progress)
-			printf("\n");
+		progress_end();
 		blk_close(tgt);
 		if (created)
 			die("%s\n%s: removed the incomplete output '%s'",
@@ -370,10 +318,8 @@ int convert_main(int argc, char **argv)
 	free(src);
 	optlist_free(&ol);
 	free(co.src_base);
-	if (show_progress) {
-		if (last_pct < 100.0)
-			printf("    (%3.2f/100%%)\r", 100.0);
-		printf("\n");
-	}
+	if (last_pct < 100.0)
+		progress_print(100);
+	progress_end();
 	return 0;
 }

@@ -17,12 +17,10 @@
 
 #define FOR_create
 #include "imgbox.h"
-#include "blk_driver.h"
 
 int create_main(int argc, char **argv)
 {
 	const char *fmt, *filename, *bfile, *bfmt;
-	const struct blk_driver *drv;
 	struct optlist ol = { 0 };
 	struct err e = { "" };
 	char num[32];
@@ -33,10 +31,9 @@ int create_main(int argc, char **argv)
 	bfmt = HAS(F) ? ARG(F) : NULL;
 
 	if (HAS(o) && opts_want_help(ARG(o))) {
-		drv = blk_find_driver(fmt);
-		if (!drv || !(drv->caps & BLK_CAP_CREATE))
+		if (!blk_format_can(fmt, BLK_CAP_CREATE))
 			die("Unknown file format '%s'", fmt);
-		print_create_help(drv, i < argc);
+		print_create_help(fmt, i < argc);
 		return 0;
 	}
 	if (i >= argc)
@@ -50,15 +47,14 @@ int create_main(int argc, char **argv)
 	if (i < argc)
 		die_usage("Unexpected argument: %s", argv[i]);
 
-	drv = blk_find_driver(fmt);
-	if (!drv)
+	if (!blk_format_exists(fmt))
 		die("%s: Unknown file format '%s'", filename, fmt);
-	if (!(drv->caps & BLK_CAP_CREATE))
+	if (!blk_format_can(fmt, BLK_CAP_CREATE))
 		die("%s: Format driver '%s' does not support image creation",
 		    filename, fmt);
 	if (HAS(o) && optlist_parse(&ol, ARG(o), &e) < 0)
 		die("%s", e.msg);
-	if (optlist_validate(&ol, drv->create_opts, fmt, &e) < 0)
+	if (optlist_validate(&ol, blk_format_create_opts(fmt), fmt, &e) < 0)
 		die("%s: %s", filename, e.msg);
 	if (num[0]) {
 		if (optlist_get(&ol, "size"))
@@ -67,7 +63,7 @@ int create_main(int argc, char **argv)
 		optlist_set(&ol, "size", num);
 	}
 	if (bfile) {
-		if (!(drv->caps & BLK_CAP_BACKING))
+		if (!blk_format_can(fmt, BLK_CAP_BACKING))
 			die("%s: Backing file not supported for file format "
 			    "'%s'", filename, fmt);
 		optlist_set(&ol, "backing_file", bfile);
@@ -100,7 +96,7 @@ int create_main(int argc, char **argv)
 		if (!bfmt)
 			die("%s: Backing file specified without backing "
 			    "format\nDetected format of %s.", filename,
-			    bb->drv->name);
+			    blk_format(bb));
 		if (!optlist_get(&ol, "size")) {
 			snprintf(num, sizeof(num), "%llu",
 				 (unsigned long long)bb->size);
@@ -123,7 +119,7 @@ int create_main(int argc, char **argv)
 			    filename);
 	}
 	if (!HAS(q))
-		print_formatting(filename, drv, &ol);
+		print_formatting(filename, fmt, &ol);
 	ret = blk_create(fmt, filename, &ol, &e);
 	optlist_free(&ol);
 	if (ret < 0)

@@ -19,27 +19,10 @@
 #include <inttypes.h>
 #include <limits.h>
 #include "imgbox.h"
-#include "blk_driver.h"
 
 #define DD_CHUNK	(1u << 20)	/* bytes copied per read */
 #define DD_ZERO_GRAIN	4096u		/* zero runs this big stay holes */
 
-/* qemu-img's cvtnum_full: a size in [min, max] or die with its message. */
-static int64_t cvtnum(const char *name, const char *s, int64_t min,
-		      int64_t max)
-{
-	uint64_t v;
-	int ret = parse_size(s, &v);
-
-	if (ret < 0 && ret != -ERANGE)
-		die("Invalid %s specified. You may use k, M, G, T, P or E "
-		    "suffixes for\n%s: kilobytes, megabytes, gigabytes, "
-		    "terabytes, petabytes and exabytes.", name, progname);
-	if (ret == -ERANGE || v > (uint64_t)max || (int64_t)v < min)
-		die("Invalid %s specified. Must be between %" PRId64 " and %"
-		    PRId64 ".", name, min, max);
-	return (int64_t)v;
-}
 
 /* Writes buf to out at off; on a target that reads as zeroes, aligned
  * all-zero grains are left unwritten so that the output stays sparse. */
@@ -89,7 +72,6 @@ int dd_main(int argc, char **argv)
 	const char *in_name = NULL, *out_name = NULL;
 	int64_t bs = 512, count = 0, skip = 0, size, in_pos, out_pos;
 	bool has_count = false, has_skip = false, skip_too_far;
-	const struct blk_driver *drv;
 	struct blk *in, *out;
 	struct optlist ol = { 0 };
 	struct err e = { "" };
@@ -106,16 +88,16 @@ int dd_main(int argc, char **argv)
 		if (!eq)
 			die("unrecognized operand %s", arg);
 		if (nlen == 2 && !strncmp(arg, "bs", 2))
-			bs = cvtnum("bs", val, 1, INT_MAX);
+			bs = cli_number(val, "bs", 1, INT_MAX);
 		else if (nlen == 5 && !strncmp(arg, "count", 5)) {
-			count = cvtnum("count", val, 0, INT64_MAX);
+			count = cli_number(val, "count", 0, INT64_MAX);
 			has_count = true;
 		} else if (nlen == 2 && !strncmp(arg, "if", 2))
 			in_name = val;
 		else if (nlen == 2 && !strncmp(arg, "of", 2))
 			out_name = val;
 		else if (nlen == 4 && !strncmp(arg, "skip", 4)) {
-			skip = cvtnum("skip", val, 0, INT64_MAX);
+			skip = cli_number(val, "skip", 0, INT64_MAX);
 			has_skip = true;
 		} else
 			die("unrecognized operand %.*s", (int)nlen, arg);
@@ -130,10 +112,9 @@ int dd_main(int argc, char **argv)
 	in = open_image(in_name, fmt, HAS(U) ? BLK_O_SHARE : 0,
 			CACHE_WRITEBACK);
 
-	drv = blk_find_driver(out_fmt);
-	if (!drv)
+	if (!blk_format_exists(out_fmt))
 		die("Unknown file format");
-	if (!(drv->caps & BLK_CAP_CREATE) || !drv->create)
+	if (!blk_format_can(out_fmt, BLK_CAP_CREATE))
 		die("Format driver '%s' does not support image creation",
 		    out_fmt);
 
@@ -180,7 +161,7 @@ int dd_main(int argc, char **argv)
 			break;
 		}
 		ret = write_chunk(out, (uint64_t)out_pos, buf, n,
-				  out->drv->caps & BLK_CAP_ZERO_INIT);
+				  blk_can(out, BLK_CAP_ZERO_INIT));
 		if (ret < 0) {
 			msg("error while writing to output image file: %s",
 			    strerror(-ret));

@@ -16,23 +16,20 @@
 
 #define FOR_info
 #include "imgbox.h"
-#include "blk_driver.h"
 
 /* One ImageInfo object, as qemu-img builds it. */
 static struct val *image_info(struct blk *bs)
 {
 	struct val *o = val_obj();
 	struct blk_info bi;
-	int64_t alloc = bs->drv->allocated_size ?
-			bs->drv->allocated_size(bs) :
-			bfile_allocated(bs->file);
+	int64_t alloc = blk_allocated_size(bs);
 	char *full;
 
 	if (!o)
 		die("out of memory");
 	val_add_uint(o, "virtual-size", bs->size);
 	val_add_str(o, "filename", bs->filename);
-	val_add_str(o, "format", bs->drv->name);
+	val_add_str(o, "format", blk_format(bs));
 	if (alloc >= 0)
 		val_add_int(o, "actual-size", alloc);
 	if (blk_get_info(bs, &bi) < 0)
@@ -52,10 +49,10 @@ static struct val *image_info(struct blk *bs)
 			val_add_str(o, "backing-filename-format",
 				    bs->backing_fmt);
 	}
-	if (bs->drv->snapshot_list) {
+	{
 		struct snapshot_info *sn = NULL;
 		int n = 0;
-		if (bs->drv->snapshot_list(bs, &sn, &n) == 0 && n > 0) {
+		if (blk_snapshot_list(bs, &sn, &n) == 0 && n > 0) {
 			struct val *arr = val_add_arr(o, "snapshots");
 			for (int i = 0; i < n; i++)
 				snapshot_to_val(arr, &sn[i]);

@@ -5,23 +5,60 @@
 #include <unistd.h>
 #include <time.h>
 #include "imgbox.h"
-#include "blk_driver.h"
 
 struct opts opts;
 const char *progname = "imgbox";
 const struct applet *cur_applet;
 static char *cleanup_path;
 
+/* Every message of every applet goes out here: stdout first, so the two
+ * streams keep their order in a shared log. */
+void vmsg(const char *fmt, va_list ap)
+{
+	fflush(stdout);
+	fprintf(stderr, "%s: ", progname);
+	vfprintf(stderr, fmt, ap);
+	fputc('\n', stderr);
+}
+
 void msg(const char *fmt, ...)
 {
 	va_list ap;
 
-	fflush(stdout);
-	fprintf(stderr, "%s: ", progname);
 	va_start(ap, fmt);
-	vfprintf(stderr, fmt, ap);
+	vmsg(fmt, ap);
 	va_end(ap);
-	fputc('\n', stderr);
+}
+
+static bool progress_on;
+
+void progress_start(bool on)
+{
+	progress_on = on;
+}
+
+void progress_line(double pct, bool newline)
+{
+	printf("    (%3.2f/100%%)%c", pct, newline ? '\n' : '\r');
+	fflush(stdout);
+}
+
+void progress_print(double pct)
+{
+	if (progress_on)
+		progress_line(pct, false);
+}
+
+void progress_end(void)
+{
+	if (progress_on)
+		printf("\n");
+	progress_on = false;
+}
+
+bool progress_shown(void)
+{
+	return progress_on;
 }
 
 void cleanup_file(const char *path)
@@ -47,12 +84,9 @@ void die(const char *fmt, ...)
 {
 	va_list ap;
 
-	fflush(stdout);
-	fprintf(stderr, "%s: ", progname);
 	va_start(ap, fmt);
-	vfprintf(stderr, fmt, ap);
+	vmsg(fmt, ap);
 	va_end(ap);
-	fputc('\n', stderr);
 	die_exit(1);
 }
 
@@ -60,12 +94,10 @@ void die_usage(const char *fmt, ...)
 {
 	va_list ap;
 
-	fflush(stdout);
-	fprintf(stderr, "%s: ", progname);
 	va_start(ap, fmt);
-	vfprintf(stderr, fmt, ap);
+	vmsg(fmt, ap);
 	va_end(ap);
-	fprintf(stderr, "\nTry '%s --help' for more information\n", progname);
+	fprintf(stderr, "Try '%s --help' for more information\n", progname);
 	die_exit(1);
 }
 
@@ -204,20 +236,26 @@ void size_to_str(char *buf, size_t len, uint64_t size)
 		 units[i]);
 }
 
-uint64_t cli_size(const char *s, const char *what)
+int64_t cli_number(const char *s, const char *what, int64_t min,
+		   int64_t max)
 {
 	uint64_t v;
 	int ret = parse_size(s, &v);
 
+	if (ret < 0 && ret != -ERANGE)
+		die("Invalid %s specified. You may use k, M, G, T, P or E "
+		    "suffixes for\n%s: kilobytes, megabytes, gigabytes, "
+		    "terabytes, petabytes and exabytes.", what, progname);
+	if (ret == -ERANGE || v > (uint64_t)max || (int64_t)v < min)
+		die("Invalid %s specified. Must be between %lld and %lld.",
+		    what, (long long)min, (long long)max);
+	return (int64_t)v;
+}
+
+uint64_t cli_size(const char *s, const char *what)
+{
 	(void)what;
-	if (ret == -ERANGE || (ret == 0 && v > INT64_MAX))
-		die("Invalid image size specified. Must be between 0 and "
-		    "%lld.", (long long)INT64_MAX);
-	if (ret < 0)
-		die("Invalid image size specified. You may use k, M, G, T, P "
-		    "or E suffixes for\n%s: kilobytes, megabytes, gigabytes, "
-		    "terabytes, petabytes and exabytes.", progname);
-	return v;
+	return (uint64_t)cli_number(s, "image size", 0, INT64_MAX);
 }
 
 int parse_output_format(const char *s)
@@ -305,14 +343,13 @@ static const char *opt_type_name(enum opt_type t)
 	}
 }
 
-/* -o help: sorted by name; protocol options only when a file is named. */
-void print_create_help(const struct blk_driver *drv, int with_protocol)
+void print_opt_help(const struct optdesc *d, bool hidden_too)
 {
-	const struct optdesc *d, *list[64];
+	const struct optdesc *list[64];
 	int n = 0;
 
-	for (d = drv->create_opts; d && d->name && n < 64; d++)
-		if (with_protocol || !d->hidden)
+	for (; d && d->name && n < 64; d++)
+		if (hidden_too || !d->hidden)
 			list[n++] = d;
 	for (int i = 1; i < n; i++)
 		for (int j = i; j > 0 && strcmp(list[j - 1]->name,
@@ -321,10 +358,6 @@ void print_create_help(const struct blk_driver *drv, int with_protocol)
 			list[j] = list[j - 1];
 			list[j - 1] = t;
 		}
-	if (with_protocol)
-		printf("Supported options:\n");
-	else
-		printf("Supported %s options:\n", drv->name);
 	for (int i = 0; i < n; i++) {
 		char head[128];
 		int len = snprintf(head, sizeof(head), "  %s=<%s>",
@@ -332,6 +365,16 @@ void print_create_help(const struct blk_driver *drv, int with_protocol)
 		printf("%s%*s - %s\n", head, len < 24 ? 24 - len : 0, "",
 		       list[i]->help);
 	}
+}
+
+/* -o help: protocol options only when a file is named. */
+void print_create_help(const char *fmt, int with_protocol)
+{
+	if (with_protocol)
+		printf("Supported options:\n");
+	else
+		printf("Supported %s options:\n", fmt);
+	print_opt_help(blk_format_create_opts(fmt), with_protocol);
 	if (!with_protocol)
 		printf("\nThe protocol level may support further options.\n"
 		       "Specify the target filename to include those "
@@ -354,11 +397,12 @@ int opts_want_help(const char *o)
 
 /* The Formatting line lists create options in the driver's order: given
  * values, else printed defaults. */
-void print_formatting(const char *filename, const struct blk_driver *drv,
+void print_formatting(const char *filename, const char *fmt,
 		      const struct optlist *ol)
 {
-	printf("Formatting '%s', fmt=%s", filename, drv->name);
-	for (const struct optdesc *d = drv->create_opts; d && d->name; d++) {
+	printf("Formatting '%s', fmt=%s", filename, fmt);
+	for (const struct optdesc *d = blk_format_create_opts(fmt);
+	     d && d->name; d++) {
 		const char *v = optlist_get(ol, d->name);
 		uint64_t sz;
 
@@ -380,7 +424,7 @@ void print_formatting(const char *filename, const struct blk_driver *drv,
 void warn_probed_raw(const struct blk *bs)
 {
 	if (!(bs->flags & BLK_O_PROBED) || !(bs->flags & BLK_O_RDWR) ||
-	    strcmp(bs->drv->name, "raw"))
+	    !blk_can(bs, BLK_CAP_FILE_MAP))
 		return;
 	fflush(stdout);
 	fprintf(stderr, "WARNING: Image format was not specified for '%s' and "
@@ -411,4 +455,51 @@ int parse_cache_or_die(const char *s, int def, bool source)
 	if (s && blk_parse_cache(s, &mode) < 0)
 		die("Invalid %scache option: %s", source ? "source " : "", s);
 	return mode;
+}
+
+void snapshot_arg_parse(const char *arg, struct optlist *sn)
+{
+	struct err e = { "" };
+
+	if (strncmp(arg, "snapshot.", 9))
+		return;
+	if (optlist_parse(sn, arg, &e) < 0) {
+		msg("%s", e.msg);
+		die("Failed in parsing snapshot param '%s'", arg);
+	}
+	for (int i = 0; i < sn->n; i++)
+		if (strcmp(sn->v[i].name, "snapshot.id") &&
+		    strcmp(sn->v[i].name, "snapshot.name")) {
+			msg("Invalid parameter '%s'", sn->v[i].name);
+			die("Failed in parsing snapshot param '%s'", arg);
+		}
+}
+
+void load_snapshot(struct blk *in, const char *arg)
+{
+	struct optlist sn = { 0 };
+	struct err e = { "" };
+	const char *id, *name;
+	int ret;
+
+	snapshot_arg_parse(arg, &sn);
+	id = sn.n ? optlist_get(&sn, "snapshot.id") : arg;
+	name = sn.n ? optlist_get(&sn, "snapshot.name") : NULL;
+	if (!blk_can_load_snapshot(in))
+		die("Failed to load snapshot: Block format '%s' used by device "
+		    "'' does not support temporarily loading internal "
+		    "snapshots", blk_format(in));
+	if (!id && !name)
+		die("Failed to load snapshot: snapshot_id and snapshot_name "
+		    "are both NULL");
+	ret = blk_snapshot_load_tmp(in, id, name, &e);
+	if (!sn.n && (ret == -ENOENT || ret == -EINVAL)) {
+		/* a plain argument is tried as an ID, then as a name */
+		e.msg[0] = 0;
+		ret = blk_snapshot_load_tmp(in, NULL, arg, &e);
+	}
+	if (ret < 0)
+		die("Failed to load snapshot: %s",
+		    e.msg[0] ? e.msg : strerror(-ret));
+	optlist_free(&sn);
 }

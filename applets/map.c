@@ -28,21 +28,6 @@ struct map_entry {
 	const char *file;	/* the file holding the run, if offset */
 };
 
-/* qemu-img's number parser for options: dies with its messages. */
-static int64_t cvtnum(const char *name, const char *s)
-{
-	uint64_t v;
-	int ret = parse_size(s, &v);
-
-	if (ret < 0 && ret != -ERANGE)
-		die("Invalid %s specified. You may use k, M, G, T, P or E "
-		    "suffixes for\n%s: kilobytes, megabytes, gigabytes, "
-		    "terabytes, petabytes and exabytes.", name, progname);
-	if (ret == -ERANGE || v > INT64_MAX)
-		die("Invalid %s specified. Must be between 0 and %" PRId64 ".",
-		    name, INT64_MAX);
-	return (int64_t)v;
-}
 
 /* Status of the run at off, walking down the chain while a layer leaves
  * the range unallocated. Like qemu-img, a range that is unallocated in a
@@ -148,9 +133,9 @@ int map_main(int argc, char **argv)
 	struct blk *bs;
 
 	if (HAS(s))
-		start = cvtnum("start offset", ARG(s));
+		start = cli_number(ARG(s), "start offset", 0, INT64_MAX);
 	if (HAS(l))
-		maxlen = cvtnum("max length", ARG(l));
+		maxlen = cli_number(ARG(l), "max length", 0, INT64_MAX);
 	if (argc - i != 1)
 		die_usage("Expecting one image file name");
 	json = parse_output_format(HAS(output) ? ARG(output) : NULL);

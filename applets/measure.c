@@ -22,7 +22,6 @@
 
 #define FOR_measure
 #include "imgbox.h"
-#include "blk_driver.h"
 
 /* Options of the file protocol that every format accepts in -o. */
 static const char *const file_opts[] = { "preallocation", "nocow",
@@ -38,82 +37,32 @@ static bool is_file_opt(const char *name)
 
 /* Checks -o against the format's options (and the file protocol's) the
  * way qemu-img parses them: unknown names and malformed values fail. */
-static void validate_opts(const struct optlist *ol,
-			  const struct blk_driver *drv)
+static void validate_opts(const struct optlist *ol, const char *fmt)
 {
 	struct optlist own = { 0 };
 	struct err e = { "" };
 	int ret;
 
 	for (int i = 0; i < ol->n; i++) {
-		const struct optdesc *d = drv->create_opts;
+		const struct optdesc *d = blk_format_create_opts(fmt);
 		while (d->name && strcmp(d->name, ol->v[i].name))
 			d++;
 		if (!d->name && is_file_opt(ol->v[i].name))
 			continue;
 		optlist_set(&own, ol->v[i].name, ol->v[i].value);
 	}
-	ret = optlist_validate(&own, drv->create_opts, drv->name, &e);
+	ret = optlist_validate(&own, blk_format_create_opts(fmt), fmt, &e);
 	optlist_free(&own);
 	if (ret < 0) {
 		msg("%s", e.msg);
-		die("Invalid options for file format '%s'", drv->name);
+		die("Invalid options for file format '%s'", fmt);
 	}
-}
-
-/* -l: "snapshot.id=ID,snapshot.name=NAME" or an ID or NAME. */
-static void parse_snapshot_arg(const char *arg, struct optlist *sn)
-{
-	struct err e = { "" };
-
-	if (strncmp(arg, "snapshot.", 9))
-		return;
-	if (optlist_parse(sn, arg, &e) < 0) {
-		msg("%s", e.msg);
-		die("Failed in parsing snapshot param '%s'", arg);
-	}
-	for (int i = 0; i < sn->n; i++)
-		if (strcmp(sn->v[i].name, "snapshot.id") &&
-		    strcmp(sn->v[i].name, "snapshot.name")) {
-			msg("Invalid parameter '%s'", sn->v[i].name);
-			die("Failed in parsing snapshot param '%s'", arg);
-		}
-}
-
-static void load_snapshot(struct blk *in, const char *arg)
-{
-	struct optlist sn = { 0 };
-	struct err e = { "" };
-	const char *id, *name;
-	int ret;
-
-	parse_snapshot_arg(arg, &sn);
-	id = sn.n ? optlist_get(&sn, "snapshot.id") : arg;
-	name = sn.n ? optlist_get(&sn, "snapshot.name") : NULL;
-	if (!in->drv->snapshot_load_tmp)
-		die("Failed to load snapshot: Block format '%s' used by device "
-		    "'' does not support temporarily loading internal "
-		    "snapshots", in->drv->name);
-	if (!id && !name)
-		die("Failed to load snapshot: snapshot_id and snapshot_name "
-		    "are both NULL");
-	ret = in->drv->snapshot_load_tmp(in, id, name, &e);
-	if (!sn.n && (ret == -ENOENT || ret == -EINVAL)) {
-		/* a plain argument is tried as an ID, then as a name */
-		e.msg[0] = 0;
-		ret = in->drv->snapshot_load_tmp(in, NULL, arg, &e);
-	}
-	if (ret < 0)
-		die("Failed to load snapshot: %s",
-		    e.msg[0] ? e.msg : strerror(-ret));
-	optlist_free(&sn);
 }
 
 int measure_main(int argc, char **argv)
 {
 	int i = opts_parse(argc, argv), json, ret;
 	const char *out_fmt = HAS(O) ? ARG(O) : "raw", *filename = NULL;
-	const struct blk_driver *drv;
 	struct optlist ol = { 0 };
 	struct measure_info mi = { 0 };
 	struct err e = { "" };
@@ -123,7 +72,7 @@ int measure_main(int argc, char **argv)
 	json = parse_output_format(HAS(output) ? ARG(output) : NULL);
 	if (HAS(l)) {
 		struct optlist sn = { 0 };
-		parse_snapshot_arg(ARG(l), &sn);
+		snapshot_arg_parse(ARG(l), &sn);
 		optlist_free(&sn);
 	}
 	if (HAS(size))
@@ -146,25 +95,22 @@ int measure_main(int argc, char **argv)
 		if (HAS(l))
 			load_snapshot(in, ARG(l));
 	}
-	drv = blk_find_driver(out_fmt);
-	if (!drv)
+	if (!blk_format_exists(out_fmt))
 		die("Unknown file format '%s'", out_fmt);
-	if (!(drv->caps & BLK_CAP_CREATE) || !drv->create_opts)
+	if (!blk_format_can(out_fmt, BLK_CAP_CREATE) ||
+	    !blk_format_create_opts(out_fmt))
 		die("Format driver '%s' does not support image creation",
-		    drv->name);
+		    out_fmt);
 	if (HAS(o)) {
 		if (optlist_parse(&ol, ARG(o), &e) < 0) {
 			msg("%s", e.msg);
 			die("Invalid options for file format '%s'", out_fmt);
 		}
-		validate_opts(&ol, drv);
+		validate_opts(&ol, out_fmt);
 	}
 	/* --size wins over -o size=; with a file its size is used */
 	optlist_del(&ol, "size");
-	if (!(drv->caps & BLK_CAP_MEASURE) || !drv->measure)
-		die("Block driver '%s' does not support size measurement",
-		    drv->name);
-	ret = drv->measure(&ol, in, size, &mi, &e);
+	ret = blk_measure(out_fmt, &ol, in, size, &mi, &e);
 	if (ret < 0)
 		die("%s", e.msg[0] ? e.msg : strerror(-ret));
 	if (json) {

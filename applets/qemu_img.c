@@ -17,11 +17,9 @@
 //applet:APPLET(qemu_img, "qemu-img", "", "")
 
 #include "imgbox.h"
-#include "blk_driver.h"
 
 void qemu_img_help(void)
 {
-	int first = 1;
 
 	printf("qemu-img version %s (imgbox %s)\n"
 	       "usage: qemu-img [standard options] command [command options]\n"
@@ -44,10 +42,8 @@ void qemu_img_help(void)
 		printf("  %.*s\n", nl ? (int)(nl - u) : (int)strlen(u), u);
 	}
 	printf("\nSupported formats:");
-	for (int i = 0; blk_drivers[i]; i++) {
-		printf("%s%s", first ? " " : " ", blk_drivers[i]->name);
-		first = 0;
-	}
+	for (int i = 0; blk_format_at(i); i++)
+		printf(" %s", blk_format_at(i));
 	printf("\n\nimgbox applets also answer to img-COMMAND; "
 	       "'qemu-img COMMAND --help' describes one command.\n");
 }

@@ -25,29 +25,23 @@
 #include <limits.h>
 #include <stdarg.h>
 #include "imgbox.h"
-#include "blk_driver.h"
 
 /* qemu-img compares the backing files in pieces of this size. */
 #define PIECE		(2u << 20)
 #define SECTOR		512u
 
-static struct {
-	bool on;
-	float cur, last;
-} progress;
+static float progress_cur, progress_last;
 
-static void progress_print(float delta, int max)
+/* redrawn after each 2% */
+static void progress_step(float delta, int max)
 {
-	float cur = max ? progress.cur + delta / 100.0f * (float)max : delta;
+	float cur = max ? progress_cur + delta / 100.0f * (float)max : delta;
 
-	progress.cur = cur;
-	if (!progress.on)
-		return;
-	if (cur > progress.last + 2.0f || cur < progress.last - 2.0f ||
+	progress_cur = cur;
+	if (cur > progress_last + 2.0f || cur < progress_last - 2.0f ||
 	    cur == 0 || cur == 100) {
-		progress.last = cur;
-		printf("    (%3.2f/100%%)\r", (double)cur);
-		fflush(stdout);
+		progress_last = cur;
+		progress_print(cur);
 	}
 }
 
@@ -56,14 +50,10 @@ static void fail(struct blk *bs, const char *fmt, ...)
 {
 	va_list ap;
 
-	if (progress.on)
-		printf("\n");
-	fflush(stdout);
-	fprintf(stderr, "%s: ", progname);
+	progress_end();
 	va_start(ap, fmt);
-	vfprintf(stderr, fmt, ap);
+	vmsg(fmt, ap);
 	va_end(ap);
-	fputc('\n', stderr);
 	blk_close(bs);
 	die_exit(1);
 }
@@ -223,7 +213,7 @@ static void merge(struct blk *bs, struct blk *old, struct blk *new,
 				continue;
 		}
 		merge_piece(bs, old, new, off, n, bo, bn);
-		progress_print(step, 100);
+		progress_step(step, 100);
 	}
 	free(bo);
 	free(bn);
@@ -270,7 +260,7 @@ int rebase_main(int argc, char **argv)
 	struct err e = { "" };
 	bool unsafe = HAS(u);
 
-	progress.on = HAS(p) && !HAS(q);
+	progress_start(HAS(p) && !HAS(q));
 	if (argc - i != 1)
 		die_usage("Expecting one image file name");
 	if (!unsafe && !base)
@@ -279,7 +269,7 @@ int rebase_main(int argc, char **argv)
 	if (HAS(image_opts))
 		die("--image-opts is not supported");
 	filename = argv[i];
-	progress_print(0, 100);
+	progress_step(0, 100);
 	if (HAS(t) && blk_parse_cache(ARG(t), &cache) < 0)
 		fail(NULL, "Invalid cache option: %s", ARG(t));
 	if (HAS(T) && blk_parse_cache(ARG(T), &src_cache) < 0)
@@ -292,7 +282,7 @@ int rebase_main(int argc, char **argv)
 		fail(NULL, "Could not open '%s': %s", filename,
 		     e.msg[0] ? e.msg : strerror(-ret));
 	warn_probed_raw(bs);
-	if (bfmt && !blk_find_driver(bfmt))
+	if (bfmt && !blk_format_exists(bfmt))
 		fail(bs, "Invalid format name: '%s'", bfmt);
 
 	if (!unsafe) {
@@ -325,13 +315,9 @@ int rebase_main(int argc, char **argv)
 	/* Everything that differs is in the top now: switch. */
 	if (base && base[0] && !bfmt)
 		ret = -EINVAL;
-	else if (!bs->drv->change_backing ||
-		 !(bs->drv->caps & BLK_CAP_BACKING))
-		ret = -ENOTSUP;
 	else
-		ret = bs->drv->change_backing(bs, base && base[0] ? base :
-					      NULL, base && base[0] ? bfmt :
-					      NULL, &e);
+		ret = blk_change_backing(bs, base && base[0] ? base : NULL,
+					 base && base[0] ? bfmt : NULL, &e);
 	if (ret == -ENOSPC)
 		msg("Could not change the backing file to '%s': No space left "
 		    "in the file header", base ? base : "(null)");
@@ -341,9 +327,8 @@ int rebase_main(int argc, char **argv)
 	else if (ret < 0)
 		msg("Could not change the backing file to '%s': %s",
 		    base ? base : "(null)", strerror(-ret));
-	progress_print(100, 0);
-	if (progress.on)
-		printf("\n");
+	progress_step(100, 0);
+	progress_end();
 	blk_close(bs);
 	return ret < 0 ? 1 : 0;
 }

@@ -18,7 +18,6 @@
 
 #define FOR_resize
 #include "imgbox.h"
-#include "blk_driver.h"
 
 int resize_main(int argc, char **argv)
 {

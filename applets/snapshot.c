@@ -21,7 +21,6 @@
 #define FOR_snapshot
 #include <sys/time.h>
 #include "imgbox.h"
-#include "blk_driver.h"
 
 /* qemu-img refuses a second action while it parses; getopt keeps only
  * the last argument of a repeated option, so count them on argv. */
@@ -97,8 +96,7 @@ int snapshot_main(int argc, char **argv)
 	bs = open_image(filename, fmt, flags, CACHE_WRITEBACK);
 
 	if (HAS(l)) {
-		if (bs->drv->snapshot_list &&
-		    bs->drv->snapshot_list(bs, &list, &n) == 0 && n > 0) {
+		if (blk_snapshot_list(bs, &list, &n) == 0 && n > 0) {
 			printf("Snapshot list:\n");
 			print_snapshot_table(list, n);
 		}
@@ -113,13 +111,12 @@ int snapshot_main(int argc, char **argv)
 		sn.date_nsec = (uint32_t)tv.tv_usec * 1000;
 		/* qemu-img records an icount of 0 */
 		sn.icount_valid = 1;
-		ret = bs->drv->snapshot_create ?
-		      bs->drv->snapshot_create(bs, &sn, &e) : -ENOTSUP;
+		ret = blk_snapshot_create(bs, &sn, &e);
 		if (ret < 0)
 			msg("Could not create snapshot '%s': %d (%s)", name,
 			    ret, strerror(-ret));
 	} else if (HAS(a)) {
-		if (!bs->drv->snapshot_apply) {
+		if (!blk_can(bs, BLK_CAP_SNAPSHOTS)) {
 			/* qemu reopens the format layer after asking the
 			 * protocol layer, so a probed raw image warns twice */
 			warn_probed_raw(bs);
@@ -127,7 +124,7 @@ int snapshot_main(int argc, char **argv)
 			msg("Could not apply snapshot '%s': Block driver does "
 			    "not support snapshots", name);
 		} else {
-			ret = bs->drv->snapshot_apply(bs, name, &e);
+			ret = blk_snapshot_apply(bs, name, &e);
 			if (ret < 0)
 				msg("Could not apply snapshot '%s': Failed to "
 				    "load snapshot: %s", name, strerror(-ret));
@@ -136,8 +133,7 @@ int snapshot_main(int argc, char **argv)
 		int k = -1;
 
 		/* qemu-img 7.2 looks the snapshot up by name only */
-		if (bs->drv->snapshot_list &&
-		    bs->drv->snapshot_list(bs, &list, &n) == 0)
+		if (blk_snapshot_list(bs, &list, &n) == 0)
 			for (k = 0; k < n && strcmp(list[k].name, name); k++)
 				;
 		if (k < 0 || k >= n) {
@@ -145,9 +141,7 @@ int snapshot_main(int argc, char **argv)
 			msg("Could not delete snapshot '%s': snapshot not "
 			    "found", name);
 		} else {
-			ret = bs->drv->snapshot_delete ?
-			      bs->drv->snapshot_delete(bs, list[k].id, name,
-						       &e) : -ENOTSUP;
+			ret = blk_snapshot_delete(bs, list[k].id, name, &e);
 			if (ret < 0 && e.msg[0])
 				msg("Could not delete snapshot '%s': %s: %s",
 				    name, e.msg, strerror(-ret));

@@ -171,7 +171,16 @@ static int blk_open_depth(struct blk **pbs, const char *filename,
 		err_set(e, "%s", strerror(ENOMEM));
 		return -ENOMEM;
 	}
-	pthread_mutex_init(&bs->lock, NULL);
+	{
+		/* recursive: an operation that holds the lock (check, amend,
+		 * snapshots) may call blk_* on the same image */
+		pthread_mutexattr_t a;
+
+		pthread_mutexattr_init(&a);
+		pthread_mutexattr_settype(&a, PTHREAD_MUTEX_RECURSIVE);
+		pthread_mutex_init(&bs->lock, &a);
+		pthread_mutexattr_destroy(&a);
+	}
 	bs->flags = flags;
 	bs->cache = cache;
 	bs->depth = depth;
@@ -306,8 +315,9 @@ static int probed_guard(struct blk *bs, uint64_t off, const void *buf,
 
 	if (!(bs->flags & BLK_O_PROBED) || off >= 512 || !buf)
 		return 0;
-	/* Only raw keeps guest sector 0 at file offset 0. */
-	if (strcmp(bs->drv->name, "raw"))
+	/* Only a format whose guest bytes are its file's bytes (raw)
+	 * exposes the sector a probe reads. */
+	if (!(bs->drv->caps & BLK_CAP_FILE_MAP))
 		return 0;
 	if (off != 0 || len < 512)
 		return 0;
@@ -317,7 +327,9 @@ static int probed_guard(struct blk *bs, uint64_t off, const void *buf,
 	return 0;
 }
 
-int blk_pwrite(struct blk *bs, uint64_t off, const void *buf, size_t len)
+/* What every writing entry point checks first: < 0 refused, 1 nothing to
+ * do (empty range), 0 go on. */
+static int write_prologue(struct blk *bs, uint64_t off, uint64_t len)
 {
 	int ret = check_range(bs, off, len);
 
@@ -325,8 +337,15 @@ int blk_pwrite(struct blk *bs, uint64_t off, const void *buf, size_t len)
 		return ret;
 	if (!(bs->flags & BLK_O_RDWR))
 		return -EBADF;
-	if (!len)
-		return 0;
+	return len == 0;
+}
+
+int blk_pwrite(struct blk *bs, uint64_t off, const void *buf, size_t len)
+{
+	int ret = write_prologue(bs, off, len);
+
+	if (ret)
+		return ret < 0 ? ret : 0;
 	ret = probed_guard(bs, off, buf, len);
 	if (ret < 0)
 		return ret;
@@ -336,16 +355,12 @@ int blk_pwrite(struct blk *bs, uint64_t off, const void *buf, size_t len)
 int blk_pwrite_zeroes(struct blk *bs, uint64_t off, uint64_t len,
 		      unsigned flags)
 {
-	int ret = check_range(bs, off, len);
+	int ret = write_prologue(bs, off, len);
 	size_t chunk = 1 << 20;
 	char *z;
 
-	if (ret < 0)
-		return ret;
-	if (!(bs->flags & BLK_O_RDWR))
-		return -EBADF;
-	if (!len)
-		return 0;
+	if (ret)
+		return ret < 0 ? ret : 0;
 	if (bs->drv->pwrite_zeroes) {
 		ret = LOCKED(bs, bs->drv->pwrite_zeroes(bs, off, len, flags));
 		if (ret != -ENOTSUP)
@@ -382,12 +397,10 @@ int blk_write_compressed(struct blk *bs, uint64_t off, const void *buf,
 
 int blk_discard(struct blk *bs, uint64_t off, uint64_t len)
 {
-	int ret = check_range(bs, off, len);
+	int ret = write_prologue(bs, off, len);
 
-	if (ret < 0)
-		return ret;
-	if (!(bs->flags & BLK_O_RDWR))
-		return -EBADF;
+	if (ret)
+		return ret < 0 ? ret : 0;
 	if (!bs->drv->discard)
 		return 0;	/* discard is advisory */
 	return LOCKED(bs, bs->drv->discard(bs, off, len));
@@ -407,6 +420,16 @@ int blk_aio_init(struct blk_aio **pq, struct blk *bs, int depth)
 	if (!blk_aio_align(bs))
 		return -ENOTSUP;
 	return bfile_aio_init(pq, bs->file, depth);
+}
+
+int blk_file_status(struct bfile *f, uint64_t off, uint64_t len,
+		    uint64_t *pnum, bool *to_end)
+{
+	int64_t size = bfile_size(f);
+	int ret = bfile_block_status(f, off, len, pnum);
+
+	*to_end = ret >= 0 && size >= 0 && off + *pnum >= (uint64_t)size;
+	return ret;
 }
 
 bool blk_same_file(const struct blk *a, const struct blk *b)

@@ -17,7 +17,6 @@
 #include <string.h>
 #include <time.h>
 #include "blk_driver.h"
-#include "convert.h"
 #include <generated/config.h>
 
 #define CHUNK_MAX	(1u << 20)	/* bytes per chunk, before alignment */

@@ -695,6 +695,14 @@ static int qed_truncate(struct blk *bs, uint64_t size, int prealloc,
 
 /* Rewrites the backing file name after the header (it must fit in the
  * header clusters) and the feature bits that go with it. */
+
+/* QED's "backing file is raw" bit: the backing file's bytes are the guest
+ * bytes (a format that maps guest bytes to file bytes one to one). */
+static bool backing_is_raw(const char *fmt)
+{
+	return fmt && blk_format_can(fmt, BLK_CAP_FILE_MAP);
+}
+
 static int qed_change_backing(struct blk *bs, const char *file,
 			      const char *fmt, struct err *e)
 {
@@ -717,7 +725,7 @@ static int qed_change_backing(struct blk *bs, const char *file,
 	s->features &= ~(uint64_t)(QED_F_BACKING_FILE | QED_F_BACKING_RAW);
 	if (file) {
 		s->features |= QED_F_BACKING_FILE;
-		if (fmt && !strcmp(fmt, "raw"))
+		if (backing_is_raw(fmt))
 			s->features |= QED_F_BACKING_RAW;
 		ret = bfile_pwrite(bs->file, QED_HDR_SIZE, file, len);
 		if (ret < 0)
@@ -734,7 +742,7 @@ static int qed_change_backing(struct blk *bs, const char *file,
 	free(bs->backing_fmt);
 	bs->backing_file = nb;
 	/* QED records only "raw" as a backing format */
-	bs->backing_fmt = nf && !strcmp(nf, "raw") ? nf : NULL;
+	bs->backing_fmt = backing_is_raw(nf) ? nf : NULL;
 	if (bs->backing_fmt != nf)
 		free(nf);
 	return 0;
@@ -956,7 +964,7 @@ static int qed_create(const char *filename, const struct optlist *opts,
 	st_le32(h + 12, (uint32_t)hdr_clusters);
 	if (bf && bf[0]) {
 		uint64_t feat = QED_F_BACKING_FILE;
-		if (bfmt && !strcmp(bfmt, "raw"))
+		if (backing_is_raw(bfmt))
 			feat |= QED_F_BACKING_RAW;
 		st_le64(h + 16, feat);
 		st_le32(h + 56, QED_HDR_SIZE);

@@ -25,6 +25,8 @@
 #include <zlib.h>
 #include "blk_driver.h"
 
+extern const struct blk_driver vmdk_driver;
+
 #define SECTOR		512
 #define KDMV_MAGIC	0x4b444d56u	/* "KDMV", sparse extent header */
 #define COWD_MAGIC	0x434f5744u	/* "COWD", ESX 2 sparse (unsupported) */
@@ -1554,7 +1556,7 @@ static int parent_cid_of(const char *filename, const char *backing,
 		return -EIO;
 	}
 	free(path);
-	if (strcmp(b->drv->name, "vmdk")) {
+	if (b->drv != &vmdk_driver) {
 		err_set(e, "Invalid backing file format: %s. Must be vmdk",
 			b->drv->name);
 		blk_close(b);
@@ -1584,7 +1586,7 @@ static int vmdk_create(const char *filename, const struct optlist *opts,
 	struct bfile *df = NULL;
 	int sf = SUB_SPARSE, ad = 0, idx, ret;
 
-	if (bfmt && strcmp(bfmt, "vmdk")) {
+	if (bfmt && blk_find_driver(bfmt) != &vmdk_driver) {
 		err_set(e, "backing_file must be a vmdk image");
 		return -EINVAL;
 	}

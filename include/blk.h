@@ -108,6 +108,25 @@ void optlist_free(struct optlist *l);
  * 0 or -EINVAL / -ERANGE. */
 int parse_size(const char *s, uint64_t *out);
 
+/* ---- capabilities: what a format can do, asked with blk_can() or
+ * blk_format_can(); declared by each driver, never guessed from names. */
+#define BLK_CAP_CREATE		0x0001
+#define BLK_CAP_WRITE		0x0002
+#define BLK_CAP_BACKING		0x0004	/* images may have backing files */
+#define BLK_CAP_COMPRESS	0x0008	/* write_compressed works */
+#define BLK_CAP_ZERO_INIT	0x0010	/* a new image reads as zeroes */
+#define BLK_CAP_THREADSAFE	0x0020	/* callbacks may run concurrently */
+#define BLK_CAP_SNAPSHOTS	0x0040
+#define BLK_CAP_RESIZE		0x0080
+#define BLK_CAP_SHRINK		0x0100
+#define BLK_CAP_CHECK		0x0200
+#define BLK_CAP_AMEND		0x0400
+#define BLK_CAP_MEASURE		0x0800
+#define BLK_CAP_ZERO_WRITES	0x1000	/* pwrite_zeroes is cheap */
+/* Guest byte N is byte N of bs->file, so requests may go to the file as
+ * they are (libaio, copy offload). */
+#define BLK_CAP_FILE_MAP	0x2000
+
 /* ---- images ---- */
 /* block status bits */
 #define BLK_STAT_DATA		0x01	/* reads come from data in a file */
@@ -126,6 +145,7 @@ int parse_size(const char *s, uint64_t *out);
 
 #define BLK_MAX_CHAIN		64	/* backing chain depth cap */
 
+/* Opaque here: only block/ and formats/ see the driver (blk_driver.h). */
 struct blk_driver;
 struct blk {
 	const struct blk_driver *drv;
@@ -198,6 +218,11 @@ int blk_aio_submit(struct blk_aio *q, bool write, uint64_t off, void *buf,
 int blk_aio_reap(struct blk_aio *q, int min, void **tags, long *res,
 		 int max);
 int blk_aio_inflight(const struct blk_aio *q);
+/* Status of the host file under a BLK_STAT_OFFSET run (mfile, map of a
+ * block status answer): BLK_STAT_DATA or BLK_STAT_ZERO for the run at off
+ * (length in *pnum); *to_end when the run reaches the end of the file. */
+int blk_file_status(struct bfile *f, uint64_t off, uint64_t len,
+		    uint64_t *pnum, bool *to_end);
 /* Both images are the same file. */
 bool blk_same_file(const struct blk *a, const struct blk *b);
 
@@ -250,11 +275,116 @@ struct measure_info {
 	bool has_bitmaps;
 };
 
-const struct blk_driver *blk_find_driver(const char *name);
-/* NULL-terminated list of compiled-in drivers, in table order. */
-extern const struct blk_driver *const blk_drivers[];
-/* Probe: best-scoring driver for the first bytes of a file. */
-const struct blk_driver *blk_probe(const uint8_t *buf, size_t len,
-				   const char *filename);
+/* ---- the format registry ---- */
+/* Name of the i-th compiled-in format (table order), NULL past the end. */
+const char *blk_format_at(int i);
+bool blk_format_exists(const char *fmt);
+/* false for a format that is not compiled in */
+bool blk_format_can(const char *fmt, unsigned cap);
+/* Option tables (NULL-name terminated): what create accepts, in the
+ * order of the "Formatting" line; what amend accepts (NULL when the
+ * format cannot amend). */
+const struct optdesc *blk_format_create_opts(const char *fmt);
+const struct optdesc *blk_format_amend_opts(const char *fmt);
+
+/* ---- operations on an open image: the block layer checks capability,
+ * read-only and range, and serialises drivers that are not thread-safe.
+ * -ENOTSUP where the format has no such operation. ---- */
+const char *blk_format(const struct blk *bs);
+bool blk_can(const struct blk *bs, unsigned cap);
+/* Bytes on disk of all the image's files (info's disk size). */
+int64_t blk_allocated_size(struct blk *bs);
+/* fix: CHECK_FIX_* */
+int blk_check(struct blk *bs, struct check_result *res, int fix);
+/* opts validated against blk_format_amend_opts() here. */
+int blk_amend(struct blk *bs, const struct optlist *opts, bool force,
+	      struct err *e);
+/* Size of an image of format fmt made from in (NULL: of the given size). */
+int blk_measure(const char *fmt, const struct optlist *opts, struct blk *in,
+		uint64_t size, struct measure_info *mi, struct err *e);
+/* *list is malloc'd (free it); *n = 0 for formats without snapshots. */
+int blk_snapshot_list(struct blk *bs, struct snapshot_info **list, int *n);
+int blk_snapshot_create(struct blk *bs, const struct snapshot_info *sn,
+			struct err *e);
+int blk_snapshot_apply(struct blk *bs, const char *id_or_name,
+		       struct err *e);
+int blk_snapshot_delete(struct blk *bs, const char *id, const char *name,
+			struct err *e);
+/* Read-only images: read the internal snapshot matching id and/or name
+ * instead of the image until it is closed; -ENOENT when none matches. */
+bool blk_can_load_snapshot(const struct blk *bs);
+int blk_snapshot_load_tmp(struct blk *bs, const char *id, const char *name,
+			  struct err *e);
+/* Rewrites the recorded backing file name and format (NULL file: none). */
+int blk_change_backing(struct blk *bs, const char *file, const char *fmt,
+		       struct err *e);
+/* Every range becomes unallocated, so reads go to the backing file. */
+int blk_make_empty(struct blk *bs);
+
+/* ---- the convert engine (block/convert.c) behind img-convert: one or
+ * more source images (concatenated) into one open target, driven by block
+ * status, with N worker threads, zero detection, in-order or out-of-order
+ * writes and compression in the workers. It never prints: progress and
+ * warnings go to the callbacks, failures to the struct err. ---- */
+#define CONVERT_MAX_WORKERS	16
+#define CONVERT_DEFAULT_WORKERS	8
+#define CONVERT_DEFAULT_SPARSE	4096
+
+struct convert_opts {
+	struct blk **src;		/* sources, concatenated in order */
+	int nsrc;
+	struct blk *target;		/* open read-write */
+
+	int workers;			/* 1..16 (-m) */
+	bool out_of_order;		/* -W: write as chunks finish */
+	bool compress;			/* -c */
+	/* -S: zero runs of this many bytes (aligned) become holes; 0 writes
+	 * every byte (fully allocated output). */
+	uint64_t min_sparse;
+	/* The target reads as zero everywhere before we start (fresh image
+	 * without backing of a zero-initialised format, --target-is-zero):
+	 * zero ranges cost no write. */
+	bool target_is_zero;
+	/* -B: the target has a backing file with the content of the source's
+	 * backing chain. Ranges the top source image does not allocate are
+	 * skipped, and data equal to the new backing file is not written. */
+	bool target_has_backing;
+	/* With target_has_backing: per source, the image of its backing
+	 * chain that is the target's new backing file (NULL: not in the
+	 * chain; then only the top source image counts, as in qemu-img).
+	 * Ranges nothing above it allocates are skipped. May be NULL. */
+	struct blk **src_base;
+	bool copy_range;		/* -C: copy_file_range where possible */
+	bool salvage;			/* --salvage: zero-fill unreadable areas */
+	uint64_t rate_limit;		/* -r: bytes per second, 0 = none */
+
+	/* Called after each chunk is done, from a worker thread, serialised
+	 * by the engine: done grows to total. */
+	void (*progress)(void *opaque, uint64_t done, uint64_t total);
+	/* A warning the caller should print (--salvage). */
+	void (*warn)(void *opaque, const char *msg);
+	void *opaque;
+};
+
+/* Copies everything; 0 or -errno with a message naming the file and the
+ * offset in e. Sources must have a total size <= the target's. */
+int convert_run(const struct convert_opts *o, struct err *e);
+
+/* Bytes of source data that were read, and written to the target (for
+ * statistics); valid after convert_run. */
+struct convert_stats {
+	uint64_t bytes_read, bytes_written, bytes_zeroed, compressed_clusters;
+};
+int convert_run_stats(const struct convert_opts *o, struct convert_stats *st,
+		      struct err *e);
+
+/* Offset of the first byte in buf[0..len) that is in a non-zero granule:
+ * the buffer is seen as granules of gran bytes aligned to absolute offsets
+ * (buf starts at absolute offset off). Returns len when all are zero. */
+size_t convert_zero_run(const uint8_t *buf, size_t len, uint64_t off,
+			uint64_t gran);
+/* Length of the run of data granules starting at buf (not zero). */
+size_t convert_data_run(const uint8_t *buf, size_t len, uint64_t off,
+			uint64_t gran);
 
 #endif

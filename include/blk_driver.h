@@ -10,24 +10,6 @@
 
 #include "blk.h"
 
-/* Capabilities: explicit, never guessed from NULL callbacks. */
-#define BLK_CAP_CREATE		0x0001
-#define BLK_CAP_WRITE		0x0002
-#define BLK_CAP_BACKING		0x0004	/* images may have backing files */
-#define BLK_CAP_COMPRESS	0x0008	/* write_compressed works */
-#define BLK_CAP_ZERO_INIT	0x0010	/* a new image reads as zeroes */
-#define BLK_CAP_THREADSAFE	0x0020	/* callbacks may run concurrently */
-#define BLK_CAP_SNAPSHOTS	0x0040
-#define BLK_CAP_RESIZE		0x0080
-#define BLK_CAP_SHRINK		0x0100
-#define BLK_CAP_CHECK		0x0200
-#define BLK_CAP_AMEND		0x0400
-#define BLK_CAP_MEASURE		0x0800
-#define BLK_CAP_ZERO_WRITES	0x1000	/* pwrite_zeroes is cheap */
-/* Guest byte N is byte N of bs->file, so requests may go to the file as
- * they are (libaio, copy offload). */
-#define BLK_CAP_FILE_MAP	0x2000
-
 struct blk_driver {
 	const char *name;
 	unsigned caps;
@@ -113,5 +95,12 @@ struct blk_driver {
 	 * size) when the image has more files than bs->file. */
 	int64_t (*allocated_size)(struct blk *bs);
 };
+
+const struct blk_driver *blk_find_driver(const char *name);
+/* NULL-terminated list of compiled-in drivers, in table order. */
+extern const struct blk_driver *const blk_drivers[];
+/* Probe: best-scoring driver for the first bytes of a file. */
+const struct blk_driver *blk_probe(const uint8_t *buf, size_t len,
+				   const char *filename);
 
 #endif

@@ -7,6 +7,7 @@
 #define IMGBOX_H
 
 #include <errno.h>
+#include <stdarg.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -44,6 +45,17 @@ extern const struct applet *cur_applet;
 int opts_parse(int argc, char **argv);
 
 void msg(const char *fmt, ...) PRINTF(1, 2);		/* "prog: ...\n" */
+void vmsg(const char *fmt, va_list ap);
+/* qemu-img's progress line "    (12.34/100%)", redrawn with \r. Each
+ * applet decides when it moved enough to redraw; progress_print draws
+ * only after progress_start(true) (-p without -q), progress_end ends the
+ * line if one is shown. progress_line draws whatever the setting (convert
+ * answers SIGUSR1 with a whole line). */
+void progress_start(bool on);
+void progress_print(double pct);
+void progress_line(double pct, bool newline);
+void progress_end(void);
+bool progress_shown(void);
 NORETURN void die(const char *fmt, ...) PRINTF(1, 2);	/* msg + exit 1 */
 /* msg + "Try 'prog --help' for more information" + exit 1 */
 NORETURN void die_usage(const char *fmt, ...) PRINTF(1, 2);
@@ -56,6 +68,10 @@ void qemu_img_help(void);
 
 /* "1 MiB", "4 KiB", "1.5 GiB" as qemu prints sizes. */
 void size_to_str(char *buf, size_t len, uint64_t size);
+/* A number with qemu-img's size suffixes in [min, max], or die with
+ * qemu-img's message naming what. */
+int64_t cli_number(const char *s, const char *what, int64_t min,
+		   int64_t max);
 /* Parses a size the way qemu-img's command line does; dies on error. */
 uint64_t cli_size(const char *s, const char *what);
 
@@ -63,12 +79,18 @@ uint64_t cli_size(const char *s, const char *what);
 void print_snapshot_table(const struct snapshot_info *sn, int n);
 void print_snapshot_row(const struct snapshot_info *sn);
 struct val *snapshot_to_val(struct val *arr, const struct snapshot_info *s);
+/* -l / -s of convert and measure: "snapshot.id=ID,snapshot.name=NAME"
+ * (parsed into sn, dies on other keys) or an ID or NAME; load_snapshot
+ * makes the read-only source read as that internal snapshot or dies. */
+void snapshot_arg_parse(const char *arg, struct optlist *sn);
+void load_snapshot(struct blk *in, const char *arg);
 /* True if an -o string asks for help ("help" or "?"). */
 int opts_want_help(const char *o);
 /* -o help text and the "Formatting ..." line of create/convert. */
-struct blk_driver;
-void print_create_help(const struct blk_driver *drv, int with_protocol);
-void print_formatting(const char *filename, const struct blk_driver *drv,
+/* rows "  name=<type>   - help", sorted by name */
+void print_opt_help(const struct optdesc *d, bool hidden_too);
+void print_create_help(const char *fmt, int with_protocol);
+void print_formatting(const char *filename, const char *fmt,
 		      const struct optlist *ol);
 
 /* qemu's WARNING for a probed raw image opened read-write. */

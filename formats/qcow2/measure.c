@@ -11,7 +11,7 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
-#include "blk_driver.h"
+#include "qcow2.h"
 
 int qcow2_measure(const struct optlist *opts, struct blk *in, uint64_t size,
 		  struct measure_info *mi, struct err *e);
@@ -268,7 +268,7 @@ int qcow2_measure(const struct optlist *opts, struct blk *in, uint64_t size,
 	/* The metadata is counted in full even when the data is not. */
 	mi->required = full - vsize + required;
 	mi->has_bitmaps = version >= 3 && in && in->drv &&
-			  !strcmp(in->drv->name, "qcow2") &&
+			  in->drv == &qcow2_driver &&
 			  input_version(in) >= 3;
 	mi->bitmaps = mi->has_bitmaps ? input_bitmaps_bytes(in, csize) : 0;
 	return 0;

@@ -13,6 +13,8 @@
 
 #include "blk_driver.h"
 
+extern const struct blk_driver qcow2_driver;
+
 #define QCOW2_MAGIC		0x514649fbu	/* "QFI\xfb" */
 
 #define QCOW2_INCOMPAT_DIRTY	(1ULL << 0)

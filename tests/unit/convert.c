@@ -8,7 +8,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include "blk_driver.h"
-#include "convert.h"
 #include "unit.h"
 
 #define SIZE	(12u << 20)
