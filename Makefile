@@ -27,7 +27,11 @@ CFLAGS_COMMON := -std=gnu11 $(WARN) -D_GNU_SOURCE -pthread \
 REL_CFLAGS := $(CFLAGS_COMMON) -Os -ffunction-sections -fdata-sections \
 	-fno-asynchronous-unwind-tables -fno-unwind-tables -fno-stack-protector \
 	-I$(DEPS)/musl/include
-REL_LDFLAGS := -static -Wl,--gc-sections -s -L$(DEPS)/musl/lib
+# Code and read-only data share one segment (-z noseparate-code): 4 KiB of
+# page padding less. LTO was measured too (376 bytes less text, the same
+# file size after page alignment) and is not used.
+REL_LDFLAGS := -static -Wl,--gc-sections -Wl,-z,noseparate-code -s \
+	-L$(DEPS)/musl/lib
 SAN_CFLAGS := $(CFLAGS_COMMON) -O1 -g -Werror -fsanitize=address,undefined \
 	-fno-omit-frame-pointer -fno-sanitize-recover=undefined
 SAN_LDFLAGS := -fsanitize=address,undefined
