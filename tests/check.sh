@@ -37,14 +37,24 @@ for u in "${UNIT_DIR:-build/san/unit}"/*; do
 		{ echo "unit ${u##*/} exited $rc"; fail=$((fail + 1)); }
 done
 
+# The two builds run their applet tests side by side (one core each); the
+# logs are printed one after the other when both are done.
+variants=()
 for variant in "san:${SAN_BIN:-build/san/imgbox}" "release:${REL_BIN:-imgbox}"; do
 	name=${variant%%:*} bin=${variant#*:}; case $bin in /*) ;; *) bin=$root/$bin ;; esac
 	[ -x "$bin" ] || { echo "check.sh: $bin missing" >&2; fail=$((fail + 1)); continue; }
 	mkdir -p "$links/$name"
 	"$bin" --install -s "$links/$name" >/dev/null
-	echo "== applet tests: $name ($bin)"
-	QEMU_IMG=$links/$name/qemu-img IMGBOX=$bin IMGBOX_LINKS=$links/$name \
-		bash tests/run.sh "$@" 2>&1 | tee "$links/$name.log"
+	{
+		echo "== applet tests: $name ($bin)"
+		QEMU_IMG=$links/$name/qemu-img IMGBOX=$bin \
+			IMGBOX_LINKS=$links/$name bash tests/run.sh "$@" 2>&1
+	} > "$links/$name.log" &
+	variants+=("$name")
+done
+wait
+for name in "${variants[@]}"; do
+	cat "$links/$name.log"
 	count "$links/$name.log"
 done
 
