@@ -44,6 +44,9 @@ extern const struct applet *cur_applet;
 int opts_parse(int argc, char **argv);
 
 void msg(const char *fmt, ...) PRINTF(1, 2);		/* "prog: ...\n" */
+/* A check's report sink (struct check_result): the line on stderr, an
+ * error line with the program's prefix. */
+void check_print_line(void *opaque, int kind, const char *line);
 NORETURN void die(const char *fmt, ...) PRINTF(1, 2);	/* msg + exit 1 */
 /* msg + "Try 'prog --help' for more information" + exit 1 */
 NORETURN void die_usage(const char *fmt, ...) PRINTF(1, 2);

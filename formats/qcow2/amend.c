@@ -1,4 +1,4 @@
-/* amend.c - qemu-img amend for qcow2: compat level up and down,
+/* amend.c - the amend command for qcow2: compat level up and down,
  * lazy refcounts, refcount width, size (qcow2.txt; the option set and
  * messages of qemu 7.2).
  *
@@ -21,7 +21,7 @@ int qcow2_amend(struct blk *bs, const struct optlist *opts, bool force,
 		struct err *e);
 int qcow2_snapshot_table_upgrade(struct blk *bs);
 
-/* What qemu-img amend -o help lists for qcow2. */
+/* What QEMU's amend -o help lists for qcow2. */
 const struct optdesc qcow2_amend_opts[] = {
 	{ "encrypt.keyslot", OPT_NUMBER, "Select a single keyslot to modify "
 	  "explicitly", NULL, false },
@@ -51,7 +51,7 @@ const struct optdesc qcow2_amend_opts[] = {
 	{ NULL, 0, NULL, NULL, false }
 };
 
-/* errno text as glibc words it, as in qemu-img's messages */
+/* errno text as glibc words it, as in QEMU's messages */
 static const char *errstr(int err)
 {
 	switch (err) {
@@ -527,7 +527,7 @@ int qcow2_amend(struct blk *bs, const struct optlist *opts, bool force,
 	if ((bf || bfmt) && (str_differs(bf, cur_bf) ||
 			     str_differs(bfmt, cur_fmt)))
 		return fail(e, -EINVAL, "Cannot amend the backing file\nYou "
-			    "can use 'qemu-img rebase' instead.");
+			    "can use '" QEMU_IMG_CMD " rebase' instead.");
 	if (order != s->refcount_order && ver < 3 && order != 4)
 		return fail(e, -EINVAL, "Refcount widths other than 16 bits "
 			    "require compatibility level 1.1 or above (use "
