@@ -183,22 +183,6 @@ out:
 
 /* ---- refcount width ---- */
 
-static void rb_put(uint8_t *b, unsigned order, uint64_t i, uint64_t v)
-{
-	unsigned bits = 1u << order, sh;
-
-	switch (bits) {
-	case 64: st_be64(b + i * 8, v); return;
-	case 32: st_be32(b + i * 4, (uint32_t)v); return;
-	case 16: st_be16(b + i * 2, (uint16_t)v); return;
-	case 8: b[i] = (uint8_t)v; return;
-	default:
-		/* sub-byte widths: entry 0 in the least significant bits */
-		sh = (unsigned)(i * bits % 8);
-		b[i * bits / 8] |= (uint8_t)(v << sh);
-	}
-}
-
 /* A new refcount table and blocks of width 2^order past the end of the
  * file, counting every cluster as now (the old structure as free), then
  * one header write switches to it. */
@@ -279,7 +263,7 @@ static int change_refcount_order(struct blk *bs, unsigned order,
 				if (ret < 0)
 					goto out;
 			}
-			rb_put(buf, order, c - b * epb, rc);
+			qcow2_rb_set(order, buf, c - b * epb, rc);
 		}
 		ret = bfile_pwrite(bs->file, (start + b) * cs, buf, cs);
 		if (ret < 0)

@@ -71,42 +71,9 @@ static void ck_say(struct ck *c, const char *fmt, ...)
 
 /* ---- the computed refcount array ---- */
 
-static uint64_t arr_get(const struct qcow2 *s, const uint8_t *b, uint64_t i)
-{
-	unsigned bits = 1u << s->refcount_order;
-
-	switch (bits) {
-	case 64: return ld_be64(b + i * 8);
-	case 32: return ld_be32(b + i * 4);
-	case 16: return ld_be16(b + i * 2);
-	case 8: return b[i];
-	default:
-		return (uint64_t)(b[i * bits / 8] >> (i * bits % 8)) &
-		       ((1u << bits) - 1);
-	}
-}
-
-static void arr_set(const struct qcow2 *s, uint8_t *b, uint64_t i,
-		    uint64_t v)
-{
-	unsigned bits = 1u << s->refcount_order, sh, m;
-
-	switch (bits) {
-	case 64: st_be64(b + i * 8, v); return;
-	case 32: st_be32(b + i * 4, (uint32_t)v); return;
-	case 16: st_be16(b + i * 2, (uint16_t)v); return;
-	case 8: b[i] = (uint8_t)v; return;
-	default:
-		sh = (unsigned)(i * bits % 8);
-		m = ((1u << bits) - 1) << sh;
-		b[i * bits / 8] = (uint8_t)((b[i * bits / 8] & ~m) |
-					    ((v << sh) & m));
-	}
-}
-
 static uint64_t ck_get(const struct ck *c, uint64_t i)
 {
-	return i < c->nb ? arr_get(c->s, c->rc, i) : 0;
+	return i < c->nb ? qcow2_rb_get(c->s->refcount_order, c->rc, i) : 0;
 }
 
 /* True when refcount block bi of the computed array counts no reference.
@@ -182,7 +149,7 @@ static int ck_ref(struct ck *c, uint64_t off, uint64_t size)
 				return ret;
 			}
 		}
-		v = arr_get(s, c->rc, k);
+		v = qcow2_rb_get(s->refcount_order, c->rc, k);
 		if (v == s->rc_max) {
 			ck_say(c, "ERROR: overflow cluster offset=0x%"
 			       PRIx64, k << s->cluster_bits);
@@ -193,7 +160,7 @@ static int ck_ref(struct ck *c, uint64_t off, uint64_t size)
 			c->res->corruptions++;
 			continue;
 		}
-		arr_set(s, c->rc, k, v + 1);
+		qcow2_rb_set(s->refcount_order, c->rc, k, v + 1);
 	}
 	return 0;
 }
@@ -323,7 +290,8 @@ static int disk_rc(struct ck *c, uint64_t ci, uint64_t *rc)
 	ret = qcow2_cache_get(c->bs, &s->rbc, off, false, &b);
 	if (ret < 0)
 		return ret;
-	*rc = arr_get(s, b, ci & ((1ULL << s->rb_bits) - 1));
+	*rc = qcow2_rb_get(s->refcount_order, b,
+			   ci & ((1ULL << s->rb_bits) - 1));
 	return 0;
 }
 
@@ -889,7 +857,7 @@ static void compare(struct ck *c, int fix, uint64_t *highest)
 			i += (1ULL << s->rb_bits) - 1;
 			continue;
 		}
-		r2 = arr_get(s, c->rc, i);
+		r2 = qcow2_rb_get(s->refcount_order, c->rc, i);
 		ret = disk_rc(c, i, &r1);
 		if (ret < 0) {
 			ck_say(c, "Can't get refcount for cluster %"
@@ -945,7 +913,7 @@ static int64_t alloc_in_array(struct ck *c, uint64_t count,
 	int ret;
 
 	for (; ci < c->nb && run < count; ci++) {
-		if (!arr_get(c->s, c->rc, ci)) {
+		if (!qcow2_rb_get(c->s->refcount_order, c->rc, ci)) {
 			run++;
 			if (first_gap) {
 				*first_free = ci;
@@ -962,7 +930,7 @@ static int64_t alloc_in_array(struct ck *c, uint64_t count,
 	}
 	ci -= run;
 	for (uint64_t k = 0; k < count; k++)
-		arr_set(c->s, c->rc, ci + k, 1);
+		qcow2_rb_set(c->s->refcount_order, c->rc, ci + k, 1);
 	return (int64_t)(ci << c->s->cluster_bits);
 }
 
