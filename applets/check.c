@@ -92,6 +92,7 @@ static void print_human(const struct check_result *r)
 static int run_check(struct blk *bs, struct check_result *r, int fix)
 {
 	memset(r, 0, sizeof(*r));
+	r->report = check_print_line;
 	bs->errmsg[0] = 0;
 	return blk_check(bs, r, fix);
 }

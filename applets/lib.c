@@ -61,6 +61,16 @@ bool progress_shown(void)
 	return progress_on;
 }
 
+void check_print_line(void *opaque, int kind, const char *line)
+{
+	(void)opaque;
+	if (kind == CHECK_ERROR) {
+		msg("%s", line);
+		return;
+	}
+	fprintf(stderr, "%s\n", line);
+}
+
 void cleanup_file(const char *path)
 {
 	free(cleanup_path);

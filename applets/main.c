@@ -122,5 +122,6 @@ int main(int argc, char **argv)
 	}
 	cur_applet = a;
 	progname = a->name;
+	check_default_report = check_print_line;
 	return a->main(argc, argv);
 }

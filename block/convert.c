@@ -832,7 +832,7 @@ int convert_run_stats(const struct convert_opts *o, struct convert_stats *st,
 		c.align = 4096;	/* raw and friends: no cluster to respect */
 	c.chunk_max = (size_t)ALIGN_UP(CHUNK_MAX, c.align);
 	/* compressing workers hold the compressed copy too: smaller chunks
-	 * keep the memory bound (workers x 2 x chunk) near qemu-img's */
+	 * keep the memory bound (workers x 2 x chunk) near QEMU's */
 	if (o->compress)
 		c.chunk_max = (size_t)ALIGN_UP(MIN((uint64_t)c.chunk_max,
 						   4 * c.cluster), c.align);

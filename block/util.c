@@ -104,6 +104,45 @@ void err_prefix(struct err *e, const char *fmt, ...)
 	e->msg[sizeof(e->msg) - 1] = 0;
 }
 
+void (*check_default_report)(void *opaque, int kind, const char *line);
+
+void check_vreport(struct check_result *r, int kind, const char *fmt,
+		   va_list ap)
+{
+	char buf[256], *line = buf;
+	va_list again;
+	int n;
+
+	if (!r || !r->report)
+		return;
+	va_copy(again, ap);
+	n = vsnprintf(buf, sizeof(buf), fmt, ap);
+	/* Long lines (snapshot names, file names) are rare: they get a
+	 * buffer of their own, or are cut short when memory is tight. */
+	if (n >= 0 && (size_t)n >= sizeof(buf)) {
+		char *big = malloc((size_t)n + 1);
+
+		if (big) {
+			vsnprintf(big, (size_t)n + 1, fmt, again);
+			line = big;
+		}
+	}
+	va_end(again);
+	if (n >= 0)
+		r->report(r->report_opaque, kind, line);
+	if (line != buf)
+		free(line);
+}
+
+void check_report(struct check_result *r, int kind, const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	check_vreport(r, kind, fmt, ap);
+	va_end(ap);
+}
+
 int buffer_is_zero(const void *buf, size_t len)
 {
 	const unsigned char *p = buf;
@@ -126,7 +165,7 @@ int buffer_is_zero(const void *buf, size_t len)
 	return 1;
 }
 
-/* qemu-img accepts "1.5G": a decimal fraction needs a unit above bytes. */
+/* QEMU accepts "1.5G": a decimal fraction needs a unit above bytes. */
 int parse_size(const char *s, uint64_t *out)
 {
 	const char *p = s;

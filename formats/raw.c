@@ -130,7 +130,7 @@ static int raw_create(const char *filename, const struct optlist *opts,
 		err_set(e, "The image size is too large for file format 'raw'");
 	/* Like QEMU, allocate the first block of a sparse image so that
 	 * later O_DIRECT alignment probing finds real blocks; this also
-	 * makes map and disk size agree with qemu-img. */
+	 * makes map and disk size agree with QEMU. */
 	if (!ret && prealloc == PREALLOC_OFF && size && !f->is_blockdev) {
 		static const char zero[4096];
 		ret = bfile_pwrite(f, 0, zero, size < 4096 ? 512 : 4096);

@@ -6,7 +6,7 @@
 //config:	help
 //config:	  VirtualBox disk images (version 1.1), dynamic (blocks
 //config:	  allocated on first write) and static (all blocks allocated at
-//config:	  creation). Reads, writes, creates and checks them as qemu-img
+//config:	  creation). Reads, writes, creates and checks them as QEMU
 //config:	  does (1 MiB blocks only).
 //format:FORMAT(vdi)
 
@@ -53,7 +53,7 @@
  * "never written", ~0-1 is "discarded"; both read as zeroes. */
 #define VDI_FIRST_FREE		0xfffffffeu
 #define VDI_UNALLOCATED		0xffffffffu
-/* The largest image qemu-img accepts, in blocks (its limit, kept so that
+/* The largest image QEMU accepts, in blocks (its limit, kept so that
  * the same images are refused). */
 #define VDI_MAX_BLOCKS		0x1fffff80u
 /* Memory cap for the block map (4 bytes per MiB: 64 TiB of disk). */
@@ -180,7 +180,7 @@ static int vdi_open(struct blk *bs, struct err *e)
 		return -ENOTSUP;
 	}
 	/* Our own limits: the map is read whole, so it must fit the memory
-	 * cap and lie inside the file (every writer puts it there). */
+	 * cap and lie inside the file (every writer places it there). */
 	bmap_len = (uint64_t)s->blocks * 4;
 	if (bmap_len > VDI_MAX_BMAP) {
 		err_set(e, "unsupported VDI image (block map of %" PRIu64
@@ -368,7 +368,7 @@ static int vdi_get_info(struct blk *bs, struct blk_info *bi)
 }
 
 /* Every allocated block number must be inside the image and used once,
- * and the header's count must match; the messages are qemu-img's. */
+ * and the header's count must match; the messages are QEMU's. */
 static int vdi_check(struct blk *bs, struct check_result *res, int fix)
 {
 	struct vdi_state *s = bs->opaque;
@@ -387,16 +387,18 @@ static int vdi_check(struct blk *bs, struct check_result *res, int fix)
 		if (entry >= VDI_FIRST_FREE)
 			continue;
 		if (entry >= s->blocks) {
-			fprintf(stderr, "ERROR: block index %" PRIu32
-				" too large, is %" PRIu32 "\n", i, entry);
+			check_report(res, CHECK_LINE, "ERROR: block index %"
+				     PRIu32 " too large, is %" PRIu32, i,
+				     entry);
 			res->corruptions++;
 			continue;
 		}
 		used++;
 		if (owner[entry] != VDI_UNALLOCATED) {
-			/* qemu-img names the block number twice */
-			fprintf(stderr, "ERROR: block index %" PRIu32
-				" also used by %" PRIu32 "\n", entry, entry);
+			/* QEMU names the block number twice */
+			check_report(res, CHECK_LINE, "ERROR: block index %"
+				     PRIu32 " also used by %" PRIu32, entry,
+				     entry);
 			res->corruptions++;
 		} else {
 			owner[entry] = i;
@@ -404,8 +406,9 @@ static int vdi_check(struct blk *bs, struct check_result *res, int fix)
 	}
 	free(owner);
 	if (used != s->allocated) {
-		fprintf(stderr, "ERROR: allocated blocks mismatch, is %" PRIu32
-			", should be %" PRIu32 "\n", used, s->allocated);
+		check_report(res, CHECK_LINE, "ERROR: allocated blocks "
+			     "mismatch, is %" PRIu32 ", should be %" PRIu32,
+			     used, s->allocated);
 		res->corruptions++;
 	}
 	return 0;
@@ -433,7 +436,7 @@ static int vdi_create(const char *filename, const struct optlist *opts,
 		err_set(e, "Backing file not supported for file format 'vdi'");
 		return -ENOTSUP;
 	}
-	/* Like qemu-img, the file exists (empty) when the size is refused. */
+	/* Like QEMU, the file exists (empty) when the size is refused. */
 	ret = bfile_open(&f, filename, BFILE_CREATE | BFILE_RDWR,
 			 CACHE_WRITEBACK, e);
 	if (ret < 0)
@@ -501,7 +504,7 @@ static int vdi_create(const char *filename, const struct optlist *opts,
 			goto werr;
 	}
 	if (is_static) {
-		/* qemu-img leaves the data area sparse whatever the
+		/* QEMU leaves the data area sparse whatever the
 		 * preallocation mode (it only applies to the empty file). */
 		ret = bfile_truncate(f, data_off + blocks * VDI_BLOCK,
 				     PREALLOC_OFF, e);

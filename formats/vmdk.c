@@ -3,7 +3,7 @@
  * extents (deflated grains behind grain markers, footer), flat extents, and
  * descriptor files that list extents relative to their own directory.
  * Written from VMware's "Virtual Disk Format 5.0" technical note; the
- * behaviour (messages, create layout) follows qemu-img 7.2. */
+ * behaviour (messages, create layout) follows QEMU 7.2. */
 //config:config FORMAT_VMDK
 //config:	bool "vmdk"
 //config:	default y
@@ -761,7 +761,7 @@ static void vmdk_close(struct blk *bs)
 		struct vmdk_extent *x = &s->ext[i];
 		int64_t sz;
 
-		/* qemu-img convert ends a stream with a sector-aligned
+		/* QEMU's convert ends a stream with a sector-aligned
 		 * file; do it for every compressed extent we appended to. */
 		if (x->appended && (sz = bfile_size(x->file)) > 0 &&
 		    sz % SECTOR)
@@ -1354,8 +1354,9 @@ static int vmdk_check(struct blk *bs, struct check_result *res, int fix)
 		int st;
 
 		if (!x) {
-			fprintf(stderr, "ERROR: could not find extent for "
-				"sector %" PRIu64 "\n", off / SECTOR);
+			check_report(res, CHECK_LINE, "ERROR: could not find "
+				     "extent for sector %" PRIu64,
+				     off / SECTOR);
 			res->corruptions++;
 			return -EINVAL;
 		}
@@ -1376,24 +1377,25 @@ static int vmdk_check(struct blk *bs, struct check_result *res, int fix)
 			host = g.host;
 		}
 		if (st < 0) {
-			fprintf(stderr, "ERROR: could not get cluster_offset "
-				"for sector %" PRIu64 "\n", off / SECTOR);
+			check_report(res, CHECK_LINE, "ERROR: could not get "
+				     "cluster_offset for sector %" PRIu64,
+				     off / SECTOR);
 			res->corruptions++;
 			return -EPERM;
 		}
 		if (st == G_DATA) {
 			flen = bfile_size(x->file);
 			if (flen < 0) {
-				fprintf(stderr, "ERROR: could not get extent "
-					"file length for sector %" PRIu64 "\n",
-					off / SECTOR);
+				check_report(res, CHECK_LINE, "ERROR: could "
+					     "not get extent file length for "
+					     "sector %" PRIu64, off / SECTOR);
 				res->corruptions++;
 				return (int)flen;
 			}
 			if (host >= (uint64_t)flen) {
-				fprintf(stderr, "ERROR: cluster offset for "
-					"sector %" PRIu64 " points after EOF\n",
-					off / SECTOR);
+				check_report(res, CHECK_LINE, "ERROR: cluster "
+					     "offset for sector %" PRIu64
+					     " points after EOF", off / SECTOR);
 				res->corruptions++;
 				return -EINVAL;
 			}

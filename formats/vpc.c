@@ -515,7 +515,7 @@ static int vpc_create(const char *filename, const struct optlist *opts,
 		return -ENOTSUP;
 	}
 	/* The mode is the protocol's, checked before the file exists, and
-	 * like qemu-img we create the file without preallocating. */
+	 * like QEMU we create the file without preallocating. */
 	if (optlist_get(opts, "preallocation") &&
 	    blk_parse_prealloc(optlist_get(opts, "preallocation"), &ret) < 0) {
 		err_set(e, "invalid parameter value: %s",

@@ -8,6 +8,7 @@
 #ifndef IMGBOX_BLK_H
 #define IMGBOX_BLK_H
 
+#include <stdarg.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stddef.h>
@@ -265,9 +266,29 @@ struct check_result {
 	uint64_t total_clusters, allocated_clusters, fragmented_clusters,
 		 compressed_clusters;
 	bool has_stats;
+	/* Where the problems found go, one line at a time as they are found
+	 * (no newline; NULL drops them). Set by the caller; a check keeps it
+	 * whatever it does to the counters. Streaming keeps memory bounded
+	 * on an image with millions of problems. */
+	void (*report)(void *opaque, int kind, const char *line);
+	void *report_opaque;
 };
 #define CHECK_FIX_LEAKS	0x1
 #define CHECK_FIX_ERRORS	0x2
+/* Kinds of report line: CHECK_LINE is shown as it is, CHECK_ERROR is an
+ * error message that the caller prefixes with its program name. */
+enum { CHECK_LINE, CHECK_ERROR };
+/* Formats one report line and hands it to r->report. */
+void check_report(struct check_result *r, int kind, const char *fmt, ...)
+	PRINTF(3, 4);
+void check_vreport(struct check_result *r, int kind, const char *fmt,
+		   va_list ap) PRINTF(3, 0);
+/* The sink of checks that run inside another operation (a dirty qcow2
+ * image is repaired when it is opened read-write, and what was repaired
+ * is reported). Set once by the program before it opens images; NULL
+ * drops the lines. */
+extern void (*check_default_report)(void *opaque, int kind,
+				    const char *line);
 
 /* Size estimate (qemu-img measure). */
 struct measure_info {

@@ -56,6 +56,9 @@ void progress_print(double pct);
 void progress_line(double pct, bool newline);
 void progress_end(void);
 bool progress_shown(void);
+/* A check's report sink (struct check_result): the line on stderr, an
+ * error line with the program's prefix. */
+void check_print_line(void *opaque, int kind, const char *line);
 NORETURN void die(const char *fmt, ...) PRINTF(1, 2);	/* msg + exit 1 */
 /* msg + "Try 'prog --help' for more information" + exit 1 */
 NORETURN void die_usage(const char *fmt, ...) PRINTF(1, 2);

@@ -13,6 +13,13 @@
 #define UNUSED      __attribute__((unused))
 #define ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))
 
+/* The command that hints in messages tell the user to run ("To replay the
+ * log, run: ... check -r all"). imgbox follows QEMU's qemu-img 7.2 and its
+ * qemu-img applet takes the same command lines, so the hint works with
+ * either program, and the bytes stay those of qemu-img, which the tests
+ * compare. block/ and formats/ spell the name only through this macro. */
+#define QEMU_IMG_CMD "qemu-img"
+
 #define MIN(a, b) ((a) < (b) ? (a) : (b))
 #define MAX(a, b) ((a) > (b) ? (a) : (b))
 #define DIV_ROUND_UP(n, d) (((n) + (d) - 1) / (d))

@@ -37,6 +37,9 @@ struct val *val_add_bool(struct val *parent, const char *key, bool b);
 struct val *val_get(const struct val *obj, const char *key);
 void val_free(struct val *v);
 
+/* The printers live with the applets (applets/json.c): block/ and formats/
+ * build trees but never print. */
+
 /* JSON in qemu's pretty layout (4-space indent, "key": value). indent is
  * the starting depth. */
 void val_print_json(FILE *f, const struct val *v, int indent);

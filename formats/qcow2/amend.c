@@ -1,4 +1,4 @@
-/* amend.c - qemu-img amend for qcow2: compat level up and down,
+/* amend.c - the amend command for qcow2: compat level up and down,
  * lazy refcounts, refcount width, size (qcow2.txt; the option set and
  * messages of qemu 7.2).
  *
@@ -21,7 +21,7 @@ int qcow2_amend(struct blk *bs, const struct optlist *opts, bool force,
 		struct err *e);
 int qcow2_snapshot_table_upgrade(struct blk *bs);
 
-/* What qemu-img amend -o help lists for qcow2. */
+/* What QEMU's amend -o help lists for qcow2. */
 const struct optdesc qcow2_amend_opts[] = {
 	{ "encrypt.keyslot", OPT_NUMBER, "Select a single keyslot to modify "
 	  "explicitly", NULL, false },
@@ -51,7 +51,7 @@ const struct optdesc qcow2_amend_opts[] = {
 	{ NULL, 0, NULL, NULL, false }
 };
 
-/* errno text as glibc words it, as in qemu-img's messages */
+/* errno text as glibc words it, as in QEMU's messages */
 static const char *errstr(int err)
 {
 	switch (err) {
@@ -183,22 +183,6 @@ out:
 
 /* ---- refcount width ---- */
 
-static void rb_put(uint8_t *b, unsigned order, uint64_t i, uint64_t v)
-{
-	unsigned bits = 1u << order, sh;
-
-	switch (bits) {
-	case 64: st_be64(b + i * 8, v); return;
-	case 32: st_be32(b + i * 4, (uint32_t)v); return;
-	case 16: st_be16(b + i * 2, (uint16_t)v); return;
-	case 8: b[i] = (uint8_t)v; return;
-	default:
-		/* sub-byte widths: entry 0 in the least significant bits */
-		sh = (unsigned)(i * bits % 8);
-		b[i * bits / 8] |= (uint8_t)(v << sh);
-	}
-}
-
 /* A new refcount table and blocks of width 2^order past the end of the
  * file, counting every cluster as now (the old structure as free), then
  * one header write switches to it. */
@@ -279,7 +263,7 @@ static int change_refcount_order(struct blk *bs, unsigned order,
 				if (ret < 0)
 					goto out;
 			}
-			rb_put(buf, order, c - b * epb, rc);
+			qcow2_rb_set(order, buf, c - b * epb, rc);
 		}
 		ret = bfile_pwrite(bs->file, (start + b) * cs, buf, cs);
 		if (ret < 0)
@@ -527,7 +511,7 @@ int qcow2_amend(struct blk *bs, const struct optlist *opts, bool force,
 	if ((bf || bfmt) && (str_differs(bf, cur_bf) ||
 			     str_differs(bfmt, cur_fmt)))
 		return fail(e, -EINVAL, "Cannot amend the backing file\nYou "
-			    "can use 'qemu-img rebase' instead.");
+			    "can use '" QEMU_IMG_CMD " rebase' instead.");
 	if (order != s->refcount_order && ver < 3 && order != 4)
 		return fail(e, -EINVAL, "Refcount widths other than 16 bits "
 			    "require compatibility level 1.1 or above (use "

@@ -1,5 +1,5 @@
 /* check.c - consistency check and repair of qcow2 images
- * (qemu-img check [-r leaks|all]).
+ * (the check command, -r leaks|all).
  *
  * The check counts every reference the metadata makes (header, L1/L2
  * tables of the image and of each snapshot, data clusters, snapshot table,
@@ -9,11 +9,12 @@
  * refcount encoding, so that a broken refcount structure can be rebuilt by
  * writing slices of it as new refcount blocks.
  *
- * The report lines on stderr and the counting rules follow qemu-img 7.2,
- * which is the oracle of the test suite: a mismatch where the refcount is
- * higher than the references is a leak, lower is a corruption, and a
- * referenced cluster without any refcount (or a broken refcount block)
- * makes the refcount structure be rebuilt under -r all. */
+ * The report lines (streamed to the caller through struct check_result)
+ * and the counting rules follow QEMU 7.2, which is the oracle of the test
+ * suite: a mismatch where the refcount is higher than the references is a
+ * leak, lower is a corruption, and a referenced cluster without any
+ * refcount (or a broken refcount block) makes the refcount structure be
+ * rebuilt under -r all. */
 //format:PART(qcow2)
 
 #include <errno.h>
@@ -24,7 +25,7 @@
 #include <string.h>
 #include "qcow2.h"
 
-/* Memory cap of the computed refcounts (qemu-img itself stops at 2^31
+/* Memory cap of the computed refcounts (QEMU itself stops at 2^31
  * clusters). */
 #define CK_MAX_ARRAY_BYTES	(1ULL << 30)
 #define CK_MAX_CLUSTERS		0x7fffffffULL
@@ -57,44 +58,22 @@ struct ck {
 	int64_t flen;		/* file length (0: ask the file) */
 };
 
+/* One line of the report, in the caller's sink. */
+static void ck_say(struct ck *c, const char *fmt, ...) PRINTF(2, 3);
+static void ck_say(struct ck *c, const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	check_vreport(c->res, CHECK_LINE, fmt, ap);
+	va_end(ap);
+}
+
 /* ---- the computed refcount array ---- */
-
-static uint64_t arr_get(const struct qcow2 *s, const uint8_t *b, uint64_t i)
-{
-	unsigned bits = 1u << s->refcount_order;
-
-	switch (bits) {
-	case 64: return ld_be64(b + i * 8);
-	case 32: return ld_be32(b + i * 4);
-	case 16: return ld_be16(b + i * 2);
-	case 8: return b[i];
-	default:
-		return (uint64_t)(b[i * bits / 8] >> (i * bits % 8)) &
-		       ((1u << bits) - 1);
-	}
-}
-
-static void arr_set(const struct qcow2 *s, uint8_t *b, uint64_t i,
-		    uint64_t v)
-{
-	unsigned bits = 1u << s->refcount_order, sh, m;
-
-	switch (bits) {
-	case 64: st_be64(b + i * 8, v); return;
-	case 32: st_be32(b + i * 4, (uint32_t)v); return;
-	case 16: st_be16(b + i * 2, (uint16_t)v); return;
-	case 8: b[i] = (uint8_t)v; return;
-	default:
-		sh = (unsigned)(i * bits % 8);
-		m = ((1u << bits) - 1) << sh;
-		b[i * bits / 8] = (uint8_t)((b[i * bits / 8] & ~m) |
-					    ((v << sh) & m));
-	}
-}
 
 static uint64_t ck_get(const struct ck *c, uint64_t i)
 {
-	return i < c->nb ? arr_get(c->s, c->rc, i) : 0;
+	return i < c->nb ? qcow2_rb_get(c->s->refcount_order, c->rc, i) : 0;
 }
 
 /* True when refcount block bi of the computed array counts no reference.
@@ -152,9 +131,9 @@ static int ck_ref(struct ck *c, uint64_t off, uint64_t size)
 	/* The last cluster may be partly beyond the end of the file. */
 	if (add_overflow_u64(off, size, &end) ||
 	    (end > (uint64_t)flen && end - (uint64_t)flen >= cs)) {
-		fprintf(stderr, "ERROR: counting reference for region "
-			"exceeding the end of the file by one cluster or more: "
-			"offset 0x%" PRIx64 " size 0x%" PRIx64 "\n", off, size);
+		ck_say(c, "ERROR: counting reference for region "
+		       "exceeding the end of the file by one cluster or more: "
+		       "offset 0x%" PRIx64 " size 0x%" PRIx64, off, size);
 		c->res->corruptions++;
 		return 0;
 	}
@@ -170,18 +149,18 @@ static int ck_ref(struct ck *c, uint64_t off, uint64_t size)
 				return ret;
 			}
 		}
-		v = arr_get(s, c->rc, k);
+		v = qcow2_rb_get(s->refcount_order, c->rc, k);
 		if (v == s->rc_max) {
-			fprintf(stderr, "ERROR: overflow cluster offset=0x%"
-				PRIx64 "\n", k << s->cluster_bits);
-			fprintf(stderr, "Use qemu-img amend to increase the "
-				"refcount entry width or qemu-img convert to "
-				"create a clean copy if the image cannot be "
-				"opened for writing\n");
+			ck_say(c, "ERROR: overflow cluster offset=0x%"
+			       PRIx64, k << s->cluster_bits);
+			ck_say(c, "Use " QEMU_IMG_CMD " amend to increase "
+			       "the refcount entry width or " QEMU_IMG_CMD
+			       " convert to create a clean copy if the image "
+			       "cannot be opened for writing");
 			c->res->corruptions++;
 			continue;
 		}
-		arr_set(s, c->rc, k, v + 1);
+		qcow2_rb_set(s->refcount_order, c->rc, k, v + 1);
 	}
 	return 0;
 }
@@ -205,12 +184,12 @@ static void signal_corruption(struct ck *c, const char *fmt, ...)
 	vsnprintf(what, sizeof(what), fmt, ap);
 	va_end(ap);
 	if (s->read_only) {
-		fprintf(stderr, "qcow2: Image is corrupt: %s; further non-fatal "
-			"corruption events will be suppressed\n", what);
+		ck_say(c, "qcow2: Image is corrupt: %s; further non-fatal "
+		       "corruption events will be suppressed", what);
 		return;
 	}
-	fprintf(stderr, "qcow2: Marking image as corrupt: %s; further "
-		"corruption events will be suppressed\n", what);
+	ck_say(c, "qcow2: Marking image as corrupt: %s; further "
+	       "corruption events will be suppressed", what);
 	if (s->version < 3)
 		return;
 	st_be64(b, s->incompat | QCOW2_INCOMPAT_CORRUPT);
@@ -311,7 +290,8 @@ static int disk_rc(struct ck *c, uint64_t ci, uint64_t *rc)
 	ret = qcow2_cache_get(c->bs, &s->rbc, off, false, &b);
 	if (ret < 0)
 		return ret;
-	*rc = arr_get(s, b, ci & ((1ULL << s->rb_bits) - 1));
+	*rc = qcow2_rb_get(s->refcount_order, b,
+			   ci & ((1ULL << s->rb_bits) - 1));
 	return 0;
 }
 
@@ -348,7 +328,7 @@ static int fix_entry_by_zero(struct ck *c, uint64_t l2_off, uint8_t *t,
 	ret = overlap_check(c, active ? OL_ACTIVE_L2 : 0, at, s->l2_esize);
 	*overlap = ret < 0;
 	if (ret < 0) {
-		fprintf(stderr, "ERROR: Overlap check failed\n");
+		ck_say(c, "ERROR: Overlap check failed");
 		c->res->check_errors++;
 		return ret;
 	}
@@ -358,8 +338,8 @@ static int fix_entry_by_zero(struct ck *c, uint64_t l2_off, uint8_t *t,
 	if (!ret)
 		ret = bfile_flush(c->bs->file);
 	if (ret < 0) {
-		fprintf(stderr, "ERROR: Failed to overwrite L2 table entry: "
-			"%s\n", strerror(-ret));
+		ck_say(c, "ERROR: Failed to overwrite L2 table entry: "
+		       "%s", strerror(-ret));
 		c->res->check_errors++;
 		return ret;
 	}
@@ -384,7 +364,7 @@ static int check_l2(struct ck *c, uint64_t l2_off, bool stats, int fix,
 	}
 	ret = bfile_pread(c->bs->file, l2_off, t, cs);
 	if (ret < 0) {
-		fprintf(stderr, "ERROR: I/O error in check_refcounts_l2\n");
+		ck_say(c, "ERROR: I/O error in check_refcounts_l2");
 		res->check_errors++;
 		goto out;
 	}
@@ -396,24 +376,24 @@ static int check_l2(struct ck *c, uint64_t l2_off, bool stats, int fix,
 		bool data;
 
 		if (type != T_COMPRESSED && (e & QCOW2_L2E_RESERVED)) {
-			fprintf(stderr, "ERROR found l2 entry with reserved "
-				"bits set: %" PRIx64 "\n", e);
+			ck_say(c, "ERROR found l2 entry with reserved "
+			       "bits set: %" PRIx64, e);
 			res->corruptions++;
 		}
 		switch (type) {
 		case T_COMPRESSED:
 			if (e & QCOW2_OFLAG_COPIED) {
 				qcow2_compressed_range(s, e, &off, &len);
-				fprintf(stderr, "ERROR: coffset=0x%" PRIx64 ": "
-					"copied flag must never be set for "
-					"compressed clusters\n", off);
+				ck_say(c, "ERROR: coffset=0x%" PRIx64 ": "
+				       "copied flag must never be set for "
+				       "compressed clusters", off);
 				e &= ~QCOW2_OFLAG_COPIED;
 				res->corruptions++;
 			}
 			if (bm) {
-				fprintf(stderr, "ERROR compressed cluster %u "
-					"with non-zero subcluster allocation "
-					"bitmap, entry=0x%" PRIx64 "\n", i, e);
+				ck_say(c, "ERROR compressed cluster %u "
+				       "with non-zero subcluster allocation "
+				       "bitmap, entry=0x%" PRIx64, i, e);
 				res->corruptions++;
 				break;
 			}
@@ -433,26 +413,26 @@ static int check_l2(struct ck *c, uint64_t l2_off, bool stats, int fix,
 			off = e & QCOW2_OFFSET_MASK;
 			if ((bm >> 32) & bm) {
 				res->corruptions++;
-				fprintf(stderr, "ERROR offset=%" PRIx64 ": "
-					"Allocated cluster has corrupted "
-					"subcluster allocation bitmap\n", off);
+				ck_say(c, "ERROR offset=%" PRIx64 ": "
+				       "Allocated cluster has corrupted "
+				       "subcluster allocation bitmap", off);
 			}
 			if (off & (cs - 1)) {
 				res->corruptions++;
 				data = s->ext_l2 ? (bm & CK_L2_BITMAP_ALLOC) :
 				       !(e & QCOW2_OFLAG_ZERO);
 				if (data) {
-					fprintf(stderr, "ERROR offset=%" PRIx64
-						": Data cluster is not properly"
-						" aligned; L2 entry "
-						"corrupted.\n", off);
+					ck_say(c, "ERROR offset=%" PRIx64
+					       ": Data cluster is not properly"
+					       " aligned; L2 entry "
+					       "corrupted.", off);
 				} else {
-					fprintf(stderr, "%s offset=%" PRIx64
-						": Preallocated cluster is not "
-						"properly aligned; L2 entry "
-						"corrupted.\n",
-						fix & CHECK_FIX_ERRORS ?
-						"Repairing" : "ERROR", off);
+					ck_say(c, "%s offset=%" PRIx64
+					       ": Preallocated cluster is not "
+					       "properly aligned; L2 entry "
+					       "corrupted.",
+					       fix & CHECK_FIX_ERRORS ?
+					       "Repairing" : "ERROR", off);
 					if (fix & CHECK_FIX_ERRORS) {
 						bool ol;
 						ret = fix_entry_by_zero(c,
@@ -482,9 +462,9 @@ static int check_l2(struct ck *c, uint64_t l2_off, bool stats, int fix,
 		case T_UNALLOC:
 			if (bm & CK_L2_BITMAP_ALLOC) {
 				res->corruptions++;
-				fprintf(stderr, "ERROR: Unallocated cluster has"
-					" non-zero subcluster allocation "
-					"map\n");
+				ck_say(c, "ERROR: Unallocated cluster has"
+				       " non-zero subcluster allocation "
+				       "map");
 			}
 			break;
 		default:
@@ -517,7 +497,7 @@ static int check_l1(struct ck *c, uint64_t l1_off, uint32_t l1_size,
 	}
 	ret = bfile_pread(c->bs->file, l1_off, t, (size_t)l1_size * 8);
 	if (ret < 0) {
-		fprintf(stderr, "ERROR: I/O error in check_refcounts_l1\n");
+		ck_say(c, "ERROR: I/O error in check_refcounts_l1");
 		res->check_errors++;
 		goto out;
 	}
@@ -527,8 +507,8 @@ static int check_l1(struct ck *c, uint64_t l1_off, uint32_t l1_size,
 		if (!e)
 			continue;
 		if (e & QCOW2_L1E_RESERVED) {
-			fprintf(stderr, "ERROR found L1 entry with reserved "
-				"bits set: %" PRIx64 "\n", e);
+			ck_say(c, "ERROR found L1 entry with reserved "
+			       "bits set: %" PRIx64, e);
 			res->corruptions++;
 		}
 		l2 = e & QCOW2_OFFSET_MASK;
@@ -536,9 +516,9 @@ static int check_l1(struct ck *c, uint64_t l1_off, uint32_t l1_size,
 		if (ret < 0)
 			goto out;
 		if (l2 & (s->cluster_size - 1)) {
-			fprintf(stderr, "ERROR l2_offset=%" PRIx64 ": Table is "
-				"not cluster aligned; L1 entry corrupted\n",
-				l2);
+			ck_say(c, "ERROR l2_offset=%" PRIx64 ": Table is "
+			       "not cluster aligned; L1 entry corrupted",
+			       l2);
 			res->corruptions++;
 		}
 		ret = check_l2(c, l2, stats, fix, active);
@@ -722,25 +702,25 @@ static int check_refblocks(struct ck *c, int fix)
 		int64_t size;
 
 		if (s->rt[i] & CK_REFT_RESERVED) {
-			fprintf(stderr, "ERROR refcount table entry %" PRIu64
-				" has reserved bits set\n", i);
+			ck_say(c, "ERROR refcount table entry %" PRIu64
+			       " has reserved bits set", i);
 			res->corruptions++;
 			c->rebuild = true;
 			continue;
 		}
 		if (off & (cs - 1)) {
-			fprintf(stderr, "ERROR refcount block %" PRIu64 " is "
-				"not cluster aligned; refcount table entry "
-				"corrupted\n", i);
+			ck_say(c, "ERROR refcount block %" PRIu64 " is "
+			       "not cluster aligned; refcount table entry "
+			       "corrupted", i);
 			res->corruptions++;
 			c->rebuild = true;
 			continue;
 		}
 		if (ci >= c->nb) {
 			res->corruptions++;
-			fprintf(stderr, "%s refcount block %" PRIu64 " is "
-				"outside image\n", fix & CHECK_FIX_ERRORS ?
-				"Repairing" : "ERROR", i);
+			ck_say(c, "%s refcount block %" PRIu64 " is "
+			       "outside image", fix & CHECK_FIX_ERRORS ?
+			       "Repairing" : "ERROR", i);
 			if (!(fix & CHECK_FIX_ERRORS))
 				continue;
 			/* the block becomes the zeroed last cluster */
@@ -750,9 +730,10 @@ static int check_refblocks(struct ck *c, int fix)
 			ret = bfile_truncate(c->bs->file, off + cs,
 					     PREALLOC_OFF, &e);
 			if (ret < 0) {
-				/* the file layer's message, as qemu-img
-				 * reports it */
-				fprintf(stderr, "qemu-img: %s\n", e.msg);
+				/* the file layer's message, reported as an
+				 * error of the program */
+				check_report(c->res, CHECK_ERROR, "%s",
+					     e.msg);
 				goto resize_fail;
 			}
 			c->flen = 0;
@@ -773,8 +754,8 @@ static int check_refblocks(struct ck *c, int fix)
 			continue;
 resize_fail:
 			c->rebuild = true;
-			fprintf(stderr, "ERROR could not resize image: %s\n",
-				strerror(-ret));
+			ck_say(c, "ERROR could not resize image: %s",
+			       strerror(-ret));
 			continue;
 		}
 		if (!off)
@@ -783,8 +764,8 @@ resize_fail:
 		if (ret < 0)
 			return ret;
 		if (ck_get(c, ci) != 1) {
-			fprintf(stderr, "ERROR refcount block %" PRIu64
-				" refcount=%" PRIu64 "\n", i, ck_get(c, ci));
+			ck_say(c, "ERROR refcount block %" PRIu64
+			       " refcount=%" PRIu64, i, ck_get(c, ci));
 			res->corruptions++;
 			c->rebuild = true;
 		}
@@ -816,18 +797,18 @@ static int calculate(struct ck *c, int fix)
 		const struct qcow2_snapshot *sn = &s->sn[i];
 
 		if (sn->l1_offset & (s->cluster_size - 1)) {
-			fprintf(stderr, "ERROR snapshot %s (%s) l1_offset=%#"
-				PRIx64 ": L1 table is not cluster aligned; "
-				"snapshot table entry corrupted\n",
-				sn->info.id, sn->info.name, sn->l1_offset);
+			ck_say(c, "ERROR snapshot %s (%s) l1_offset=%#"
+			       PRIx64 ": L1 table is not cluster aligned; "
+			       "snapshot table entry corrupted",
+			       sn->info.id, sn->info.name, sn->l1_offset);
 			c->res->corruptions++;
 			continue;
 		}
 		if (sn->l1_size > CK_MAX_L1_ENTRIES) {
-			fprintf(stderr, "ERROR snapshot %s (%s) l1_size=%#"
-				PRIx32 ": L1 table is too large; snapshot "
-				"table entry corrupted\n", sn->info.id,
-				sn->info.name, sn->l1_size);
+			ck_say(c, "ERROR snapshot %s (%s) l1_size=%#"
+			       PRIx32 ": L1 table is too large; snapshot "
+			       "table entry corrupted", sn->info.id,
+			       sn->info.name, sn->l1_size);
 			c->res->corruptions++;
 			continue;
 		}
@@ -876,11 +857,11 @@ static void compare(struct ck *c, int fix, uint64_t *highest)
 			i += (1ULL << s->rb_bits) - 1;
 			continue;
 		}
-		r2 = arr_get(s, c->rc, i);
+		r2 = qcow2_rb_get(s->refcount_order, c->rc, i);
 		ret = disk_rc(c, i, &r1);
 		if (ret < 0) {
-			fprintf(stderr, "Can't get refcount for cluster %"
-				PRIu64 ": %s\n", i, strerror(-ret));
+			ck_say(c, "Can't get refcount for cluster %"
+			       PRIu64 ": %s", i, strerror(-ret));
 			res->check_errors++;
 			continue;
 		}
@@ -894,9 +875,9 @@ static void compare(struct ck *c, int fix, uint64_t *highest)
 			fixed = &res->leaks_fixed;
 		else if (r1 < r2 && (fix & CHECK_FIX_ERRORS))
 			fixed = &res->corruptions_fixed;
-		fprintf(stderr, "%s cluster %" PRIu64 " refcount=%" PRIu64
-			" reference=%" PRIu64 "\n", fixed ? "Repairing" :
-			r1 < r2 ? "ERROR" : "Leaked", i, r1, r2);
+		ck_say(c, "%s cluster %" PRIu64 " refcount=%" PRIu64
+		       " reference=%" PRIu64, fixed ? "Repairing" :
+		       r1 < r2 ? "ERROR" : "Leaked", i, r1, r2);
 		diff = r1 > r2 ? r1 - r2 : r2 - r1;
 		if (fixed && diff <= INT64_MAX) {
 			int64_t d = r1 > r2 ? -(int64_t)diff : (int64_t)diff;
@@ -932,7 +913,7 @@ static int64_t alloc_in_array(struct ck *c, uint64_t count,
 	int ret;
 
 	for (; ci < c->nb && run < count; ci++) {
-		if (!arr_get(c->s, c->rc, ci)) {
+		if (!qcow2_rb_get(c->s->refcount_order, c->rc, ci)) {
 			run++;
 			if (first_gap) {
 				*first_free = ci;
@@ -949,7 +930,7 @@ static int64_t alloc_in_array(struct ck *c, uint64_t count,
 	}
 	ci -= run;
 	for (uint64_t k = 0; k < count; k++)
-		arr_set(c->s, c->rc, ci + k, 1);
+		qcow2_rb_set(c->s->refcount_order, c->rc, ci + k, 1);
 	return (int64_t)(ci << c->s->cluster_bits);
 }
 
@@ -1157,10 +1138,9 @@ static int check_copied(struct ck *c, int fix)
 			continue;
 		if ((rc == 1) != !!(l1e & QCOW2_OFLAG_COPIED)) {
 			res->corruptions++;
-			fprintf(stderr, "%s OFLAG_COPIED L2 cluster: l1_index="
-				"%u l1_entry=%" PRIx64 " refcount=%" PRIu64
-				"\n", repair ? "Repairing" : "ERROR", i, l1e,
-				rc);
+			ck_say(c, "%s OFLAG_COPIED L2 cluster: l1_index="
+			       "%u l1_entry=%" PRIx64 " refcount=%" PRIu64,
+			       repair ? "Repairing" : "ERROR", i, l1e, rc);
 			if (repair) {
 				s->l1[i] = rc == 1 ? l1e | QCOW2_OFLAG_COPIED :
 					   l1e & ~QCOW2_OFLAG_COPIED;
@@ -1175,8 +1155,8 @@ static int check_copied(struct ck *c, int fix)
 		}
 		ret = bfile_pread(c->bs->file, l2, t, cs);
 		if (ret < 0) {
-			fprintf(stderr, "ERROR: Could not read L2 table: %s\n",
-				strerror(-ret));
+			ck_say(c, "ERROR: Could not read L2 table: %s",
+			       strerror(-ret));
 			res->check_errors++;
 			goto out;
 		}
@@ -1193,9 +1173,9 @@ static int check_copied(struct ck *c, int fix)
 			if ((rc == 1) == !!(e & QCOW2_OFLAG_COPIED))
 				continue;
 			res->corruptions++;
-			fprintf(stderr, "%s OFLAG_COPIED data cluster: "
-				"l2_entry=%" PRIx64 " refcount=%" PRIu64 "\n",
-				repair ? "Repairing" : "ERROR", e, rc);
+			ck_say(c, "%s OFLAG_COPIED data cluster: "
+			       "l2_entry=%" PRIx64 " refcount=%" PRIu64,
+			       repair ? "Repairing" : "ERROR", e, rc);
 			if (repair) {
 				st_be64(p, rc == 1 ? e | QCOW2_OFLAG_COPIED :
 					e & ~QCOW2_OFLAG_COPIED);
@@ -1205,17 +1185,17 @@ static int check_copied(struct ck *c, int fix)
 		if (dirty) {
 			ret = overlap_check(c, OL_ACTIVE_L2, l2, cs);
 			if (ret < 0) {
-				fprintf(stderr, "ERROR: Could not write L2 "
-					"table; metadata overlap check failed: "
-					"%s\n", strerror(-ret));
+				ck_say(c, "ERROR: Could not write L2 "
+				       "table; metadata overlap check failed: "
+				       "%s", strerror(-ret));
 				res->check_errors++;
 				goto out;
 			}
 			qcow2_cache_drop(&s->l2c, l2);
 			ret = bfile_pwrite(c->bs->file, l2, t, cs);
 			if (ret < 0) {
-				fprintf(stderr, "ERROR: Could not write L2 "
-					"table: %s\n", strerror(-ret));
+				ck_say(c, "ERROR: Could not write L2 "
+				       "table: %s", strerror(-ret));
 				res->check_errors++;
 				goto out;
 			}
@@ -1272,7 +1252,7 @@ static int check_refcounts(struct ck *c, int fix)
 		struct check_result old = *res, saved;
 		int fresh_leaks = 0;
 
-		fprintf(stderr, "Rebuilding refcount structure\n");
+		ck_say(c, "Rebuilding refcount structure");
 		ret = rebuild(c);
 		if (ret < 0) {
 			c->report = bs_has_msg(c->bs);
@@ -1291,11 +1271,14 @@ static int check_refcounts(struct ck *c, int fix)
 			/* the old structure is leaked now: free it; leaks
 			 * that remain were made by the rebuild */
 			saved = *res;
-			memset(res, 0, sizeof(*res));
+			*res = (struct check_result){
+				.report = res->report,
+				.report_opaque = res->report_opaque,
+			};
 			compare(c, CHECK_FIX_LEAKS, &highest);
 			if (c->rebuild)
-				fprintf(stderr, "ERROR rebuilt refcount "
-					"structure is still broken\n");
+				ck_say(c, "ERROR rebuilt refcount "
+				       "structure is still broken");
 			fresh_leaks = res->leaks;
 			*res = saved;
 		}
@@ -1307,8 +1290,8 @@ static int check_refcounts(struct ck *c, int fix)
 		res->leaks += fresh_leaks;
 	} else if (fix) {
 		if (c->rebuild) {
-			fprintf(stderr, "ERROR need to rebuild refcount "
-				"structures\n");
+			ck_say(c, "ERROR need to rebuild refcount "
+			       "structures");
 			res->check_errors++;
 			return -EIO;
 		}
@@ -1380,9 +1363,9 @@ static int check_sn_extra(struct ck *c, int fix)
 		if (ret < 0)
 			return ret;
 		if (ld_be32(h + 36) < 16) {
-			fprintf(stderr, "%s snapshot table entry %u is "
-				"incomplete\n", fix & CHECK_FIX_ERRORS ?
-				"Repairing" : "ERROR", i);
+			ck_say(c, "%s snapshot table entry %u is "
+			       "incomplete", fix & CHECK_FIX_ERRORS ?
+			       "Repairing" : "ERROR", i);
 			bad++;
 		}
 		off += 40 + (uint64_t)ld_be32(h + 36) + ld_be16(h + 12) +
@@ -1419,8 +1402,8 @@ int qcow2_check(struct blk *bs, struct check_result *res, int fix)
 		if (!ret)
 			ret = qcow2_snapshot_table_upgrade(bs);
 		if (ret < 0) {
-			fprintf(stderr, "ERROR failed to update the snapshot "
-				"table: %s\n", strerror(-ret));
+			ck_say(&c, "ERROR failed to update the snapshot "
+			       "table: %s", strerror(-ret));
 			res->check_errors++;
 		} else {
 			res->corruptions_fixed += sn_bad;

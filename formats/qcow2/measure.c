@@ -1,6 +1,6 @@
-/* measure.c - how large a qcow2 image will be (qemu-img measure):
+/* measure.c - how large a qcow2 image will be (the measure command):
  * the size a fully allocated image takes, and the size needed for the
- * data an input image really holds, with qemu-img's numbers.
+ * data an input image really holds, with QEMU's numbers.
  *
  * The metadata of a fully allocated image (docs/interop/qcow2.txt): one
  * header cluster, L2 tables for every cluster, an L1 table for every L2
@@ -139,7 +139,7 @@ static uint64_t input_bitmaps_bytes(struct blk *in, uint64_t csize)
 }
 
 /* Bytes of data clusters the input needs: clusters holding data, counted
- * the way qemu-img does (a run is extended to the end of its last cluster
+ * the way QEMU does (a run is extended to the end of its last cluster
  * and the part of its first cluster before it is added). */
 static int input_data_bytes(struct blk *in, uint64_t csize, uint64_t *out,
 			    struct err *e)

@@ -20,7 +20,7 @@
 #include <generated/config.h>
 
 static const struct optdesc qcow2_create_opts[] = {
-	/* Array order = the order of qemu-img's "Formatting" line. */
+	/* Array order = the order of QEMU's "Formatting" line. */
 	{ "encryption", OPT_BOOL, "Encrypt the image with format 'aes'. "
 	  "(Deprecated in favor of encrypt.format=aes)", NULL, false },
 	{ "encrypt.format", OPT_STRING, "Encrypt the image, format choices: "
@@ -522,7 +522,9 @@ static int qcow2_open(struct blk *bs, struct err *e)
 		/* Refcounts may be stale (lazy refcounts, or a crash): they
 		 * are rebuilt from the L1/L2 tables before any write, as
 		 * QEMU does on opening such an image read-write. */
-		struct check_result res = { 0 };
+		struct check_result res = {
+			.report = check_default_report,
+		};
 
 		ret = qcow2_check(bs, &res, CHECK_FIX_ERRORS |
 				  CHECK_FIX_LEAKS);

@@ -174,6 +174,42 @@ void qcow2_cache_drop(struct qcow2_cache *c, uint64_t off);
 int qcow2_refcount_init(struct blk *bs, struct err *e);
 /* refcount of cluster index ci (0 if beyond the table) */
 int qcow2_rc_get(struct blk *bs, uint64_t ci, uint64_t *rc);
+/* Entry i of a refcount block of 2^order-bit entries, in the on-disk
+ * encoding (qcow2.txt: big endian; below 8 bits, entry 0 sits in the least
+ * significant bits of byte 0). check.c counts in the same encoding. */
+static inline uint64_t qcow2_rb_get(unsigned order, const uint8_t *b,
+				    uint64_t i)
+{
+	unsigned bits = 1u << order;
+
+	switch (bits) {
+	case 64: return ld_be64(b + i * 8);
+	case 32: return ld_be32(b + i * 4);
+	case 16: return ld_be16(b + i * 2);
+	case 8: return b[i];
+	default:
+		return (uint64_t)(b[i * bits / 8] >> (i * bits % 8)) &
+		       ((1u << bits) - 1);
+	}
+}
+
+static inline void qcow2_rb_set(unsigned order, uint8_t *b, uint64_t i,
+				uint64_t v)
+{
+	unsigned bits = 1u << order, sh, m;
+
+	switch (bits) {
+	case 64: st_be64(b + i * 8, v); return;
+	case 32: st_be32(b + i * 4, (uint32_t)v); return;
+	case 16: st_be16(b + i * 2, (uint16_t)v); return;
+	case 8: b[i] = (uint8_t)v; return;
+	default:
+		sh = (unsigned)(i * bits % 8);
+		m = ((1u << bits) - 1) << sh;
+		b[i * bits / 8] = (uint8_t)((b[i * bits / 8] & ~m) |
+					    ((v << sh) & m));
+	}
+}
 /* add delta (may be negative) to the refcount of clusters covering
  * [off, off+len) */
 int qcow2_rc_update(struct blk *bs, uint64_t off, uint64_t len,

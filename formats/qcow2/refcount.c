@@ -192,40 +192,6 @@ int qcow2_refcount_init(struct blk *bs, struct err *e)
 	return 0;
 }
 
-static uint64_t rb_read(const struct qcow2 *s, const uint8_t *b, uint64_t i)
-{
-	unsigned bits = 1u << s->refcount_order;
-
-	switch (bits) {
-	case 64: return ld_be64(b + i * 8);
-	case 32: return ld_be32(b + i * 4);
-	case 16: return ld_be16(b + i * 2);
-	case 8: return b[i];
-	default:
-		/* sub-byte widths: bit 0 is the least significant bit */
-		return (uint64_t)(b[i * bits / 8] >> (i * bits % 8)) &
-		       ((1u << bits) - 1);
-	}
-}
-
-static void rb_write(const struct qcow2 *s, uint8_t *b, uint64_t i,
-		     uint64_t v)
-{
-	unsigned bits = 1u << s->refcount_order, sh, m;
-
-	switch (bits) {
-	case 64: st_be64(b + i * 8, v); return;
-	case 32: st_be32(b + i * 4, (uint32_t)v); return;
-	case 16: st_be16(b + i * 2, (uint16_t)v); return;
-	case 8: b[i] = (uint8_t)v; return;
-	default:
-		sh = (unsigned)(i * bits % 8);
-		m = ((1u << bits) - 1) << sh;
-		b[i * bits / 8] = (uint8_t)((b[i * bits / 8] & ~m) |
-					    ((v << sh) & m));
-	}
-}
-
 static int rb_offset(struct blk *bs, uint64_t bi, uint64_t *off)
 {
 	struct qcow2 *s = qcow2_state(bs);
@@ -256,7 +222,8 @@ int qcow2_rc_get(struct blk *bs, uint64_t ci, uint64_t *rc)
 	ret = qcow2_cache_get(bs, &s->rbc, off, false, &b);
 	if (ret < 0)
 		return ret;
-	*rc = rb_read(s, b, ci & ((1ULL << s->rb_bits) - 1));
+	*rc = qcow2_rb_get(s->refcount_order, b,
+			   ci & ((1ULL << s->rb_bits) - 1));
 	return 0;
 }
 
@@ -346,8 +313,9 @@ static int grow_rt(struct blk *bs, uint64_t min_entries)
 			lo = MAX(b << s->rb_bits, ci0);
 			hi = MIN((b + 1) << s->rb_bits, end);
 			for (uint64_t c = lo; c < hi; c++)
-				rb_write(s, buf, c & ((1ULL << s->rb_bits) - 1),
-					 1);
+				qcow2_rb_set(s->refcount_order, buf,
+					     c & ((1ULL << s->rb_bits) - 1),
+					     1);
 			ret = bfile_pwrite(bs->file, at * cs, buf, cs);
 			if (ret < 0)
 				goto out;
@@ -436,7 +404,8 @@ static int alloc_refblock(struct blk *bs, uint64_t bi)
 	if (ret < 0)
 		return ret;
 	if (((uint64_t)ci >> s->rb_bits) == bi)
-		rb_write(s, b, (uint64_t)ci & ((1ULL << s->rb_bits) - 1), 1);
+		qcow2_rb_set(s->refcount_order, b,
+			     (uint64_t)ci & ((1ULL << s->rb_bits) - 1), 1);
 	ret = bfile_pwrite(bs->file, off, b, cs);
 	if (ret < 0)
 		return ret;
@@ -469,7 +438,8 @@ static int rc_set(struct blk *bs, uint64_t ci, uint64_t v)
 	ret = qcow2_cache_get(bs, &s->rbc, off, false, &b);
 	if (ret < 0)
 		return ret;
-	rb_write(s, b, ci & ((1ULL << s->rb_bits) - 1), v);
+	qcow2_rb_set(s->refcount_order, b, ci & ((1ULL << s->rb_bits) - 1),
+		     v);
 	qcow2_cache_dirty(&s->rbc, b);
 	return 0;
 }

@@ -1,5 +1,5 @@
 /* snapload.c - read an internal snapshot in place of the image
- * (qemu-img measure -l): a read-only image swaps its active L1 table for
+ * (measure -l): a read-only image swaps its active L1 table for
  * the snapshot's (qcow2.txt "Snapshots": each snapshot has its own L1
  * table; the L2 tables and data clusters are shared). QEMU keeps the
  * image's current virtual size, and so do we. */

@@ -4,7 +4,7 @@
  * the current header names a log GUID, the active sequence (from the tail
  * named by the newest entry up to that entry) must be replayed before the
  * BAT or metadata are trusted. Read-only opens refuse such images with
- * qemu-img's message. */
+ * QEMU's message. */
 //format:PART(vhdx)
 
 #include <errno.h>
@@ -216,7 +216,7 @@ int vhdx_log_open(struct blk *bs, struct err *e)
 	if (!(bs->flags & BLK_O_RDWR)) {
 		err_set(e, "VHDX image file '%s' opened read-only, but "
 			"contains a log that needs to be replayed\nTo replay "
-			"the log, run:\nqemu-img check -r all '%s'",
+			"the log, run:\n" QEMU_IMG_CMD " check -r all '%s'",
 			bs->filename, bs->filename);
 		ret = -EPERM;
 		goto out;

@@ -9,10 +9,11 @@
 //config:	help
 //config:	  Microsoft Hyper-V VHDX images, dynamic and fixed: read,
 //config:	  write, create, log replay and check. Differencing images
-//config:	  (with a parent) are refused, as qemu-img does.
+//config:	  (with a parent) are refused, as QEMU does.
 //format:FORMAT(vhdx)
 
 #include <errno.h>
+#include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -30,7 +31,8 @@ static const struct optdesc vhdx_create_opts[] = {
 	  "'dynamic' or 'fixed'. Default is 'dynamic'.", NULL, false },
 	{ "block_state_zero", OPT_BOOL, "Force use of payload blocks of type "
 	  "'ZERO'. Non-standard, but default.  Do not set to 'off' when "
-	  "using 'qemu-img convert' with subformat=dynamic.", NULL, false },
+	  "using '" QEMU_IMG_CMD " convert' with subformat=dynamic.", NULL,
+	  false },
 	{ "preallocation", OPT_STRING,
 	  "Preallocation mode (allowed values: off, falloc, full)", NULL,
 	  true },
@@ -696,9 +698,9 @@ static int vhdx_get_info(struct blk *bs, struct blk_info *bi)
 	return 0;
 }
 
-/* qemu-img check for VHDX: present blocks must lie inside the file (the
- * check open skips that test so that it is reported here, on stderr like
- * QEMU does); a log replayed on open counts as a fixed corruption. QEMU
+/* The check of VHDX: present blocks must lie inside the file (the check
+ * open skips that test so that it is reported here, as an error line like
+ * QEMU's); a log replayed on open counts as a fixed corruption. QEMU
  * 7.2 does not look for overlapping blocks, and neither do we. */
 static int vhdx_check(struct blk *bs, struct check_result *res, int fix)
 {
@@ -721,14 +723,13 @@ static int vhdx_check(struct blk *bs, struct check_result *res, int fix)
 			continue;
 		if (off < (uint64_t)fsize && len <= (uint64_t)fsize - off)
 			continue;
-		fflush(stdout);
-		fprintf(stderr, "qemu-img: VHDX BAT entry %llu %s offset %llu "
-			"points after end of file (%llu). Image has probably "
-			"been truncated.\n", (unsigned long long)b,
-			off >= (uint64_t)fsize ? "start" : "end",
-			(unsigned long long)(off >= (uint64_t)fsize ? off :
-					     off + len - 1),
-			(unsigned long long)fsize);
+		check_report(res, CHECK_ERROR, "VHDX BAT entry %" PRIu64
+			     " %s offset %" PRIu64 " points after end of file "
+			     "(%" PRId64 "). Image has probably been "
+			     "truncated.", b,
+			     off >= (uint64_t)fsize ? "start" : "end",
+			     off >= (uint64_t)fsize ? off : off + len - 1,
+			     fsize);
 		res->corruptions++;
 	}
 	return 0;

@@ -1,5 +1,5 @@
 /* util.c - unit tests for block/util.c and block/value.c: sizes, option
- * lists, zero detection, JSON layout. */
+ * lists, zero detection, check report lines, JSON layout. */
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -123,11 +123,51 @@ static void test_json(void)
 	val_free(o);
 }
 
+struct sink {
+	int calls, kind;
+	size_t len;
+	char first[16];
+};
+
+static void sink_line(void *opaque, int kind, const char *line)
+{
+	struct sink *k = opaque;
+
+	k->calls++;
+	k->kind = kind;
+	k->len = strlen(line);
+	snprintf(k->first, sizeof(k->first), "%s", line);
+}
+
+/* A check's lines reach the caller's sink whole (however long), one call
+ * each; without a sink they are dropped. */
+static void test_check_report(void)
+{
+	struct check_result r = { 0 };
+	struct sink k = { 0 };
+	char name[1000];
+
+	check_report(&r, CHECK_LINE, "ERROR %d", 1);	/* no sink: dropped */
+	check_report(NULL, CHECK_LINE, "x");
+	r.report = sink_line;
+	r.report_opaque = &k;
+	check_report(&r, CHECK_LINE, "ERROR cluster %d", 5);
+	CHECK(k.calls == 1 && k.kind == CHECK_LINE && k.len == 15 &&
+	      !strcmp(k.first, "ERROR cluster 5"));
+	memset(name, 'n', sizeof(name) - 1);
+	name[sizeof(name) - 1] = 0;
+	check_report(&r, CHECK_ERROR, "snapshot %s (%s)", name, name);
+	CHECK(k.calls == 2 && k.kind == CHECK_ERROR &&
+	      k.len == 9 + 999 + 2 + 999 + 1 &&
+	      !strcmp(k.first, "snapshot nnnnnn"));
+}
+
 int main(void)
 {
 	test_sizes();
 	test_optlist();
 	test_zero();
+	test_check_report();
 	test_json();
 	return unit_done();
 }
