@@ -1,7 +1,9 @@
 # imgbox - one non-recursive Makefile.
 #   make                 static musl release binary ./imgbox (configs/defconfig)
 #   make san             glibc build with ASan+UBSan: $(SANBUILD)/imgbox
-#   make check           unit + applet tests against both builds
+#   make tsan            glibc build with ThreadSanitizer: $(TSANBUILD)/imgbox
+#   make check           unit + applet tests against both builds, TSan stress
+#   make tsan-check      only the TSan stress (tests/tsan.sh)
 #   make defconfig | tiny_defconfig | oldconfig | menuconfig
 #   make size            binary size of each shipped configuration
 #   make demo            the main job on a small generated image
@@ -18,6 +20,8 @@ DEPS    := build/deps
 MUSL_CC ?= musl-gcc
 SAN_CC  ?= gcc
 SANBUILD ?= build/san
+TSAN_CC ?= gcc
+TSANBUILD ?= build/tsan
 KCONF   := kconfig-conf
 export KCONFIG_CONFIG := $(CONFIG)
 
@@ -35,6 +39,9 @@ REL_LDFLAGS := -static -Wl,--gc-sections -Wl,-z,noseparate-code -s \
 SAN_CFLAGS := $(CFLAGS_COMMON) -O1 -g -Werror -fsanitize=address,undefined \
 	-fno-omit-frame-pointer -fno-sanitize-recover=undefined
 SAN_LDFLAGS := -fsanitize=address,undefined
+TSAN_CFLAGS := $(CFLAGS_COMMON) -O1 -g -Werror -fsanitize=thread \
+	-fno-omit-frame-pointer
+TSAN_LDFLAGS := -fsanitize=thread
 LIBS := -lz -laio -lpthread
 
 all: $(OUT)
@@ -96,6 +103,18 @@ $(SANBUILD)/imgbox: $(SAN_OBJS)
 	$(SAN_CC) $(SAN_LDFLAGS) -o $@ $(SAN_OBJS) $(LIBS)
 san: $(SANBUILD)/imgbox
 
+# ---- race detection: glibc + ThreadSanitizer, same sources ----
+TSAN_OBJS := $(patsubst %.c,$(TSANBUILD)/%.o,$(SRCS))
+$(TSANBUILD)/%.o: %.c $(GEN)/objs.mk
+	@mkdir -p $(dir $@)
+	@echo "  CC      $@"
+	@$(TSAN_CC) $(TSAN_CFLAGS) -c $< -o $@
+$(TSANBUILD)/imgbox: $(TSAN_OBJS)
+	$(TSAN_CC) $(TSAN_LDFLAGS) -o $@ $(TSAN_OBJS) $(LIBS)
+tsan: $(TSANBUILD)/imgbox
+tsan-check: $(TSANBUILD)/imgbox
+	@TSAN_BIN=$(TSANBUILD)/imgbox bash tests/tsan.sh
+
 # ---- tests ----
 UNIT_SRCS := $(wildcard tests/unit/*.c)
 UNIT_BINS := $(patsubst tests/unit/%.c,$(SANBUILD)/unit/%,$(UNIT_SRCS))
@@ -107,8 +126,9 @@ $(SANBUILD)/unit/%: tests/unit/%.c $(LIB_SAN_OBJS)
 	@mkdir -p $(dir $@)
 	$(SAN_CC) $(SAN_CFLAGS) $(SAN_LDFLAGS) -o $@ $< $(LIB_SAN_OBJS) $(LIBS)
 
-check: $(OUT) $(SANBUILD)/imgbox $(UNIT_BINS)
-	@REL_BIN=$(OUT) SAN_BIN=$(SANBUILD)/imgbox UNIT_DIR=$(SANBUILD)/unit bash tests/check.sh
+check: $(OUT) $(SANBUILD)/imgbox $(UNIT_BINS) $(TSANBUILD)/imgbox
+	@REL_BIN=$(OUT) SAN_BIN=$(SANBUILD)/imgbox UNIT_DIR=$(SANBUILD)/unit \
+		TSAN_BIN=$(TSANBUILD)/imgbox bash tests/check.sh
 
 # ---- sizes, benchmarks, fuzzing ----
 size:
@@ -137,12 +157,13 @@ fuzz-smoke: $(GEN)/objs.mk
 	@GEN=$(GEN) bash fuzz/build.sh smoke
 
 clean:
-	rm -rf build/release build/san build/tiny build/fuzz $(OUT)
+	rm -rf build/release build/san build/tsan build/tiny build/fuzz $(OUT)
 distclean: clean
 	rm -rf build include/generated .config .config.old
 
-.PHONY: all san check size demo bench fuzz fuzz-smoke clean distclean \
+.PHONY: all san tsan tsan-check check size demo bench fuzz fuzz-smoke clean \
+	distclean \
 	defconfig oldconfig olddefconfig menuconfig savedefconfig
 .DELETE_ON_ERROR:
 
--include $(REL_OBJS:.o=.d) $(SAN_OBJS:.o=.d)
+-include $(REL_OBJS:.o=.d) $(SAN_OBJS:.o=.d) $(TSAN_OBJS:.o=.d)

@@ -1,7 +1,8 @@
 #!/bin/bash
 # check.sh - what `make check` runs: C unit tests (sanitizer build), then the
 # applet tests twice, against the ASan/UBSan build and the static release
-# binary, each installed as a link named qemu-img. Prints one total line.
+# binary, each installed as a link named qemu-img; with TSAN_BIN, the
+# ThreadSanitizer stress (tests/tsan.sh) too. Prints one total line.
 set -u
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -36,6 +37,14 @@ for u in "${UNIT_DIR:-build/san/unit}"/*; do
 	[ $rc -eq 0 ] || grep -qE '^[0-9]+ passed, [1-9]' "$links/unit.log" ||
 		{ echo "unit ${u##*/} exited $rc"; fail=$((fail + 1)); }
 done
+
+# the ThreadSanitizer stress, when make built the TSan binary
+if [ -n "${TSAN_BIN:-}" ]; then
+	echo "== tsan stress ($TSAN_BIN)"
+	TSAN_BIN=$TSAN_BIN bash tests/tsan.sh > "$links/tsan.log" 2>&1
+	cat "$links/tsan.log"
+	count "$links/tsan.log"
+fi
 
 # The two builds run their applet tests side by side (one core each); the
 # logs are printed one after the other when both are done.

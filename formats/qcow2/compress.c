@@ -10,29 +10,6 @@
 #include <zlib.h>
 #include "qcow2.h"
 
-/* Decompression stops once a whole cluster has been produced: the input
- * may run on into the next compressed cluster's sector. */
-int qcow2_inflate(const uint8_t *in, size_t inlen, uint8_t *out,
-		  size_t outlen)
-{
-	z_stream z = { 0 };
-	int ret;
-
-	/* -15 accepts every raw stream, whatever window it was made with */
-	if (inflateInit2(&z, -15) != Z_OK)
-		return -ENOMEM;
-	z.next_in = (Bytef *)(uintptr_t)in;
-	z.avail_in = (uInt)inlen;
-	z.next_out = out;
-	z.avail_out = (uInt)outlen;
-	ret = inflate(&z, Z_FINISH);
-	inflateEnd(&z);
-	if ((ret == Z_STREAM_END || ret == Z_BUF_ERROR || ret == Z_OK) &&
-	    z.avail_out == 0)
-		return 0;
-	return -EIO;
-}
-
 long qcow2_deflate(const uint8_t *in, size_t inlen, uint8_t *out,
 		   size_t outlen)
 {
@@ -55,11 +32,12 @@ long qcow2_deflate(const uint8_t *in, size_t inlen, uint8_t *out,
 	return n;
 }
 
-/* img-convert's workers compress one cluster after another: each thread
- * keeps one deflate state (deflateReset) instead of allocating zlib's
- * few hundred KiB, and faulting them in, for every cluster. */
-static pthread_key_t z_key;
-static bool z_key_ok;
+/* img-convert's workers compress (and inflate) one cluster after another:
+ * each thread keeps one deflate and one inflate state (deflateReset,
+ * inflateReset) instead of allocating zlib's window and tables, and
+ * faulting them in, for every cluster. */
+static pthread_key_t z_key, zi_key;
+static bool z_key_ok, zi_key_ok;
 static pthread_once_t z_once = PTHREAD_ONCE_INIT;
 
 static void z_free(void *p)
@@ -68,9 +46,61 @@ static void z_free(void *p)
 	free(p);
 }
 
+static void zi_free(void *p)
+{
+	inflateEnd(p);
+	free(p);
+}
+
 static void z_key_init(void)
 {
 	z_key_ok = pthread_key_create(&z_key, z_free) == 0;
+	zi_key_ok = pthread_key_create(&zi_key, zi_free) == 0;
+}
+
+/* Decompression stops once a whole cluster has been produced: the input
+ * may run on into the next compressed cluster's sector. */
+static int inflate_with(z_stream *z, const uint8_t *in, size_t inlen,
+			uint8_t *out, size_t outlen)
+{
+	int ret;
+
+	z->next_in = (Bytef *)(uintptr_t)in;
+	z->avail_in = (uInt)inlen;
+	z->next_out = out;
+	z->avail_out = (uInt)outlen;
+	ret = inflate(z, Z_FINISH);
+	if ((ret == Z_STREAM_END || ret == Z_BUF_ERROR || ret == Z_OK) &&
+	    z->avail_out == 0)
+		return 0;
+	return -EIO;
+}
+
+int qcow2_inflate(const uint8_t *in, size_t inlen, uint8_t *out,
+		  size_t outlen)
+{
+	z_stream *z;
+	int ret;
+
+	pthread_once(&z_once, z_key_init);
+	z = zi_key_ok ? pthread_getspecific(zi_key) : NULL;
+	if (z) {
+		if (inflateReset(z) != Z_OK)
+			return -ENOMEM;
+		return inflate_with(z, in, inlen, out, outlen);
+	}
+	z = calloc(1, sizeof(*z));
+	if (!z)
+		return -ENOMEM;
+	/* -15 accepts every raw stream, whatever window it was made with */
+	if (inflateInit2(z, -15) != Z_OK) {
+		free(z);
+		return -ENOMEM;
+	}
+	ret = inflate_with(z, in, inlen, out, outlen);
+	if (!zi_key_ok || pthread_setspecific(zi_key, z))
+		zi_free(z);	/* no slot: it was a one-off stream */
+	return ret;
 }
 
 long qcow2_compress_cluster(struct blk *bs, void *dst, size_t dstlen,

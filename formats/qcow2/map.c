@@ -235,44 +235,93 @@ int qcow2_map(struct blk *bs, uint64_t off, uint64_t len, uint64_t *pnum,
 	return 0;
 }
 
-static int read_compressed(struct blk *bs, uint64_t desc)
+/* Per-call buffers of a read: the compressed bytes of one cluster, and a
+ * whole inflated cluster when the read wants only part of it. */
+struct zbufs {
+	uint8_t *in, *out;
+	size_t incap;		/* bytes at in */
+};
+
+/* Inflates compressed cluster desc into out (a whole cluster), without
+ * the lock: the descriptor was copied out of the L2 table under it. */
+static int inflate_cluster(struct blk *bs, uint64_t desc, struct zbufs *z,
+			   uint8_t *out)
 {
 	struct qcow2 *s = qcow2_state(bs);
 	uint64_t coff, clen;
 	int ret;
 
-	if (s->zc_desc == desc && s->zc_buf)
-		return 0;
 	if (s->compression_type != 0)
 		return qcow2_set_errmsg(bs, -ENOTSUP, "Compression type "
 					"'zstd' is not supported in this "
 					"build");
-	if (!s->zc_buf) {
-		s->zc_buf = malloc(s->cluster_size);
-		s->zc_in = malloc(s->cluster_size * 2 + 512);
-		if (!s->zc_buf || !s->zc_in)
-			return -ENOMEM;
-	}
 	qcow2_compressed_range(s, desc, &coff, &clen);
 	if (clen > s->cluster_size * 2 + 512)
 		return corrupt(bs, "compressed cluster too large", desc);
-	s->zc_desc = 0;
-	ret = bfile_pread(bs->file, coff, s->zc_in, clen);
+	/* sized to the data, which keeps it off mmap for most images */
+	if (clen > z->incap) {
+		free(z->in);
+		z->incap = 0;
+		if (!(z->in = malloc(clen)))
+			return -ENOMEM;
+		z->incap = clen;
+	}
+	ret = bfile_pread(bs->file, coff, z->in, clen);
 	if (ret < 0)
 		return ret;
-	ret = qcow2_inflate(s->zc_in, clen, s->zc_buf, s->cluster_size);
+	ret = qcow2_inflate(z->in, clen, out, s->cluster_size);
 	if (ret < 0)
 		return corrupt(bs, "compressed cluster does not inflate",
 			       desc);
-	s->zc_desc = desc;
 	return 0;
 }
 
+/* n bytes at guest offset off of compressed cluster desc. A whole cluster
+ * is inflated straight into buf; a part goes through the one-cluster cache
+ * (s->zc_*), so that small reads of one cluster inflate it once. gen is
+ * s->zc_gen when desc was mapped: if a cluster was freed since, desc may
+ * name other data by now, and the result is not cached. */
+static int read_compressed(struct blk *bs, uint64_t desc, uint64_t gen,
+			   uint64_t off, uint8_t *buf, size_t n,
+			   struct zbufs *z)
+{
+	struct qcow2 *s = qcow2_state(bs);
+	size_t in = (size_t)(off & (s->cluster_size - 1));
+	int ret;
+
+	if (n == s->cluster_size)
+		return inflate_cluster(bs, desc, z, buf);
+	qcow2_lock(bs);
+	if (s->zc_buf && s->zc_desc == desc) {
+		memcpy(buf, s->zc_buf + in, n);
+		qcow2_unlock(bs);
+		return 0;
+	}
+	qcow2_unlock(bs);
+	if (!z->out && !(z->out = malloc(s->cluster_size)))
+		return -ENOMEM;
+	ret = inflate_cluster(bs, desc, z, z->out);
+	if (ret < 0)
+		return ret;
+	memcpy(buf, z->out + in, n);
+	qcow2_lock(bs);
+	if (!s->zc_buf)
+		s->zc_buf = malloc(s->cluster_size);
+	if (s->zc_buf && s->zc_gen == gen) {
+		memcpy(s->zc_buf, z->out, s->cluster_size);
+		s->zc_desc = desc;
+	}
+	qcow2_unlock(bs);
+	return 0;
+}
+
+/* The lock is held only while mapping (qcow2.h, struct qcow2). */
 int qcow2_pread(struct blk *bs, uint64_t off, void *buf, size_t len)
 {
 	struct qcow2 *s = qcow2_state(bs);
+	struct zbufs z = { NULL, NULL, 0 };
 	uint8_t *p = buf;
-	int ret;
+	int ret = 0;
 
 	/* info works on encrypted images; their data cannot be read */
 	if (s->crypt_method)
@@ -280,12 +329,15 @@ int qcow2_pread(struct blk *bs, uint64_t off, void *buf, size_t len)
 					"not supported in this build");
 
 	while (len) {
-		uint64_t n, h;
+		uint64_t n, h, gen;
 		enum qcow2_type t;
 
+		qcow2_lock(bs);
 		ret = qcow2_map(bs, off, len, &n, &h, &t);
+		gen = s->zc_gen;
+		qcow2_unlock(bs);
 		if (ret < 0)
-			return ret;
+			goto out;
 		switch (t) {
 		case QC_UNALLOC:
 		case QC_UNALLOC_ALLOC:
@@ -299,20 +351,20 @@ int qcow2_pread(struct blk *bs, uint64_t off, void *buf, size_t len)
 			ret = bfile_pread(bs->file, h, p, (size_t)n);
 			break;
 		case QC_COMPRESSED:
-			ret = read_compressed(bs, h);
-			if (!ret)
-				memcpy(p, s->zc_buf +
-				       (off & (s->cluster_size - 1)),
-				       (size_t)n);
+			ret = read_compressed(bs, h, gen, off, p, (size_t)n,
+					      &z);
 			break;
 		}
 		if (ret < 0)
-			return ret;
+			goto out;
 		p += n;
 		off += n;
 		len -= (size_t)n;
 	}
-	return 0;
+out:
+	free(z.in);
+	free(z.out);
+	return ret;
 }
 
 /* Was the image preallocated with metadata only, i.e. do far more
@@ -344,8 +396,9 @@ static bool meta_preallocated(struct blk *bs)
 	return s->meta_prealloc == 2;
 }
 
-int qcow2_block_status(struct blk *bs, uint64_t off, uint64_t len,
-		       uint64_t *pnum, uint64_t *map, struct bfile **mfile)
+static int block_status_locked(struct blk *bs, uint64_t off, uint64_t len,
+			       uint64_t *pnum, uint64_t *map,
+			       struct bfile **mfile)
 {
 	uint64_t done = 0, h0 = 0;
 	int st0 = -1;
@@ -390,8 +443,6 @@ int qcow2_block_status(struct blk *bs, uint64_t off, uint64_t len,
 			break;
 		}
 		done += n;
-		if (st & BLK_STAT_COMPRESSED)
-			break;
 	}
 	if (st0 & BLK_STAT_DATA && st0 & BLK_STAT_OFFSET &&
 	    meta_preallocated(bs)) {
@@ -408,6 +459,17 @@ int qcow2_block_status(struct blk *bs, uint64_t off, uint64_t len,
 	*map = (st0 & BLK_STAT_OFFSET) ? h0 : 0;
 	*mfile = (st0 & BLK_STAT_OFFSET) ? bs->file : NULL;
 	return st0;
+}
+
+int qcow2_block_status(struct blk *bs, uint64_t off, uint64_t len,
+		       uint64_t *pnum, uint64_t *map, struct bfile **mfile)
+{
+	int ret;
+
+	qcow2_lock(bs);
+	ret = block_status_locked(bs, off, len, pnum, map, mfile);
+	qcow2_unlock(bs);
+	return ret;
 }
 
 /* ---- writes ---- */

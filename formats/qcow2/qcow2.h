@@ -11,6 +11,7 @@
 #ifndef IMGBOX_QCOW2_H
 #define IMGBOX_QCOW2_H
 
+#include <pthread.h>
 #include "blk_driver.h"
 
 extern const struct blk_driver qcow2_driver;
@@ -138,11 +139,19 @@ struct qcow2 {
 	bool has_crypto_ext;
 	char *datafile_name;
 
+	/* Locking (the driver is BLK_CAP_THREADSAFE): lock guards every
+	 * field below and the tables above that change after open (l1, rt,
+	 * sn, the allocator), and bs->errmsg. Reads hold it only to map a
+	 * range and copy the host offsets out; the data I/O, the backing
+	 * file and inflating run without it. Every other callback holds it
+	 * for its whole run. Recursive, because writes read (copy-on-write)
+	 * through qcow2_pread. */
+	pthread_mutex_t lock;
 	struct qcow2_cache l2c, rbc;
-	/* last decompressed cluster */
+	/* last decompressed cluster, for reads of parts of one */
 	uint64_t zc_desc;
+	uint64_t zc_gen;		/* counts frees of clusters */
 	uint8_t *zc_buf;
-	uint8_t *zc_in;
 	bool read_only;
 	int meta_prealloc;		/* 0 unknown, 1 no, 2 yes */
 };
@@ -150,6 +159,16 @@ struct qcow2 {
 static inline struct qcow2 *qcow2_state(struct blk *bs)
 {
 	return bs->opaque;
+}
+
+static inline void qcow2_lock(struct blk *bs)
+{
+	pthread_mutex_lock(&qcow2_state(bs)->lock);
+}
+
+static inline void qcow2_unlock(struct blk *bs)
+{
+	pthread_mutex_unlock(&qcow2_state(bs)->lock);
 }
 
 /* qcow2.c */
@@ -250,6 +269,7 @@ void qcow2_compressed_range(const struct qcow2 *s, uint64_t desc,
 int qcow2_check(struct blk *bs, struct check_result *res, int fix);
 
 /* compress.c */
+/* Thread-safe: each thread keeps its own inflate state. */
 int qcow2_inflate(const uint8_t *in, size_t inlen, uint8_t *out,
 		  size_t outlen);
 /* >0: compressed length; -ENOSPC: does not shrink */

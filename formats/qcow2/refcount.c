@@ -479,6 +479,7 @@ int qcow2_rc_update(struct blk *bs, uint64_t off, uint64_t len,
 				s->free_byte_off = 0;
 			/* the cached decompressed cluster may live there */
 			s->zc_desc = 0;
+			s->zc_gen++;
 		}
 	}
 	return 0;
