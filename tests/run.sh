@@ -15,7 +15,8 @@
 #   QEMU_IO     the real qemu-io (default /usr/bin/qemu-io)
 #   VERBOSE=1   print everything about a failure, not just a short diff
 #   KEEP=1      keep the temporary directories (their path is printed)
-#   FILE_TIMEOUT  seconds one .test file may take (default 120)
+#   FILE_TIMEOUT  seconds one .test file may take (default 300: the suites of two builds
+#               share the cores; a hang still ends)
 #
 # Prints one line per test and, as its very last line,
 # "N passed, M failed" (", K skipped" when some were skipped).  Exits 1 if
@@ -145,13 +146,13 @@ for file in "$TESTS_DIR"/*.test; do
   (
     cd "$dir/work" &&
     TEST_FILE=$name T_SCRATCH=$dir/scratch \
-      timeout -k 5 "${FILE_TIMEOUT:-120}" \
+      timeout -k 5 "${FILE_TIMEOUT:-300}" \
       bash -c 'source "$1" && source "$2"' run.sh \
         "$TESTS_DIR/testlib.sh" "$file"
   ) < /dev/null
   rc=$?
   if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
-    echo "FAIL: $name: timed out after ${FILE_TIMEOUT:-120} s"
+    echo "FAIL: $name: timed out after ${FILE_TIMEOUT:-300} s"
     echo "FAIL $name: timed out" >> "$RESULTS"
   elif [ "$(wc -l < "$RESULTS")" = "$before" ]; then
     echo "FAIL: $name: ran no test (exit code $rc)"
