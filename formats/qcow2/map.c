@@ -9,6 +9,7 @@
 //format:PART(qcow2)
 
 #include <errno.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include "qcow2.h"
@@ -235,12 +236,61 @@ int qcow2_map(struct blk *bs, uint64_t off, uint64_t len, uint64_t *pnum,
 	return 0;
 }
 
-/* Per-call buffers of a read: the compressed bytes of one cluster, and a
- * whole inflated cluster when the read wants only part of it. */
+/* Buffers of the reading thread: the compressed bytes of one cluster, and
+ * a whole inflated cluster when a read wants only part of it. Per thread
+ * and kept, because allocating them per read costs more than it seems:
+ * musl gives such blocks back to the kernel at once, and every munmap
+ * shoots down the TLBs of all the process's CPUs. */
 struct zbufs {
 	uint8_t *in, *out;
-	size_t incap;		/* bytes at in */
+	size_t incap, outcap;	/* bytes at in, out */
 };
+
+static pthread_key_t zb_key;
+static bool zb_key_ok;
+static pthread_once_t zb_once = PTHREAD_ONCE_INIT;
+
+static void zb_free(void *p)
+{
+	struct zbufs *z = p;
+
+	free(z->in);
+	free(z->out);
+	free(z);
+}
+
+static void zb_key_init(void)
+{
+	zb_key_ok = pthread_key_create(&zb_key, zb_free) == 0;
+}
+
+/* NULL: no memory. Without a thread slot, a caller-owned one (*own). */
+static struct zbufs *zbufs_get(bool *own)
+{
+	struct zbufs *z;
+
+	pthread_once(&zb_once, zb_key_init);
+	*own = false;
+	z = zb_key_ok ? pthread_getspecific(zb_key) : NULL;
+	if (z)
+		return z;
+	z = calloc(1, sizeof(*z));
+	if (z && (!zb_key_ok || pthread_setspecific(zb_key, z)))
+		*own = true;
+	return z;
+}
+
+static int zbuf_grow(uint8_t **p, size_t *cap, size_t need)
+{
+	if (need <= *cap)
+		return 0;
+	free(*p);
+	*cap = 0;
+	if (!(*p = malloc(need)))
+		return -ENOMEM;
+	*cap = need;
+	return 0;
+}
 
 /* Inflates compressed cluster desc into out (a whole cluster), without
  * the lock: the descriptor was copied out of the L2 table under it. */
@@ -258,14 +308,9 @@ static int inflate_cluster(struct blk *bs, uint64_t desc, struct zbufs *z,
 	qcow2_compressed_range(s, desc, &coff, &clen);
 	if (clen > s->cluster_size * 2 + 512)
 		return corrupt(bs, "compressed cluster too large", desc);
-	/* sized to the data, which keeps it off mmap for most images */
-	if (clen > z->incap) {
-		free(z->in);
-		z->incap = 0;
-		if (!(z->in = malloc(clen)))
-			return -ENOMEM;
-		z->incap = clen;
-	}
+	ret = zbuf_grow(&z->in, &z->incap, clen);
+	if (ret < 0)
+		return ret;
 	ret = bfile_pread(bs->file, coff, z->in, clen);
 	if (ret < 0)
 		return ret;
@@ -298,8 +343,9 @@ static int read_compressed(struct blk *bs, uint64_t desc, uint64_t gen,
 		return 0;
 	}
 	qcow2_unlock(bs);
-	if (!z->out && !(z->out = malloc(s->cluster_size)))
-		return -ENOMEM;
+	ret = zbuf_grow(&z->out, &z->outcap, s->cluster_size);
+	if (ret < 0)
+		return ret;
 	ret = inflate_cluster(bs, desc, z, z->out);
 	if (ret < 0)
 		return ret;
@@ -319,8 +365,9 @@ static int read_compressed(struct blk *bs, uint64_t desc, uint64_t gen,
 int qcow2_pread(struct blk *bs, uint64_t off, void *buf, size_t len)
 {
 	struct qcow2 *s = qcow2_state(bs);
-	struct zbufs z = { NULL, NULL, 0 };
+	struct zbufs *z = NULL;
 	uint8_t *p = buf;
+	bool own = false;
 	int ret = 0;
 
 	/* info works on encrypted images; their data cannot be read */
@@ -351,8 +398,12 @@ int qcow2_pread(struct blk *bs, uint64_t off, void *buf, size_t len)
 			ret = bfile_pread(bs->file, h, p, (size_t)n);
 			break;
 		case QC_COMPRESSED:
+			if (!z && !(z = zbufs_get(&own))) {
+				ret = -ENOMEM;
+				break;
+			}
 			ret = read_compressed(bs, h, gen, off, p, (size_t)n,
-					      &z);
+					      z);
 			break;
 		}
 		if (ret < 0)
@@ -362,8 +413,8 @@ int qcow2_pread(struct blk *bs, uint64_t off, void *buf, size_t len)
 		len -= (size_t)n;
 	}
 out:
-	free(z.in);
-	free(z.out);
+	if (own)
+		zb_free(z);
 	return ret;
 }
 
