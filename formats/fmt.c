@@ -111,27 +111,33 @@ static bool is_data(const struct fmt_run *r)
 	return r->kind == FMT_DATA || r->kind == FMT_DATA_FILE;
 }
 
-int fmt_map_pread(struct blk *bs, uint64_t off, void *buf, size_t len)
+/* One loop for both directions: the runs of a read and of a write differ
+ * only in what is done to a run that has no data yet. */
+static int map_rw(struct blk *bs, uint64_t off, uint8_t *p, size_t len,
+		  enum fmt_op op)
 {
 	const struct fmt_map *m = map_of(bs);
-	uint8_t *p = buf;
 
 	while (len) {
 		struct fmt_run r;
-		int ret = m->lookup(bs, off, len, FMT_READ, &r);
+		int ret = m->lookup(bs, off, len, op, &r);
 
 		if (ret < 0)
 			return ret;
-		if (r.kind == FMT_UNALLOC)
+		if (is_data(&r) && !fmt_range_ok(r.host, r.len))
+			ret = -EIO;
+		else if (is_data(&r) && op == FMT_WRITE)
+			ret = bfile_pwrite(bs->file, r.host, p, (size_t)r.len);
+		else if (is_data(&r))
+			ret = bfile_pread(bs->file, r.host, p, (size_t)r.len);
+		else if (op == FMT_WRITE)
+			ret = m->alloc_write(bs, off, p, &r);
+		else if (r.kind == FMT_UNALLOC)
 			ret = blk_read_backing(bs, off, p, (size_t)r.len);
 		else if (r.kind == FMT_ZERO)
 			memset(p, 0, (size_t)r.len);
-		else if (!is_data(&r))
-			ret = m->read_other(bs, off, p, &r);
-		else if (!fmt_range_ok(r.host, r.len))
-			ret = -EIO;
 		else
-			ret = bfile_pread(bs->file, r.host, p, (size_t)r.len);
+			ret = m->read_other(bs, off, p, &r);
 		if (ret < 0)
 			return ret;
 		off += r.len;
@@ -141,31 +147,16 @@ int fmt_map_pread(struct blk *bs, uint64_t off, void *buf, size_t len)
 	return 0;
 }
 
+int fmt_map_pread(struct blk *bs, uint64_t off, void *buf, size_t len)
+{
+	return map_rw(bs, off, buf, len, FMT_READ);
+}
+
 int fmt_map_pwrite(struct blk *bs, uint64_t off, const void *buf,
 		   size_t len)
 {
-	const struct fmt_map *m = map_of(bs);
-	const uint8_t *p = buf;
-
-	while (len) {
-		struct fmt_run r;
-		int ret = m->lookup(bs, off, len, FMT_WRITE, &r);
-
-		if (ret < 0)
-			return ret;
-		if (!is_data(&r))
-			ret = m->alloc_write(bs, off, p, &r);
-		else if (!fmt_range_ok(r.host, r.len))
-			ret = -EIO;
-		else
-			ret = bfile_pwrite(bs->file, r.host, p, (size_t)r.len);
-		if (ret < 0)
-			return ret;
-		off += r.len;
-		p += r.len;
-		len -= (size_t)r.len;
-	}
-	return 0;
+	/* map_rw only reads from p when op is FMT_WRITE */
+	return map_rw(bs, off, (uint8_t *)(uintptr_t)buf, len, FMT_WRITE);
 }
 
 int fmt_map_status(struct blk *bs, uint64_t off, uint64_t len,

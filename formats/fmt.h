@@ -34,6 +34,20 @@
 	FMT_OPT_NOCOW, \
 	{ NULL, 0, NULL, NULL, false }
 
+/* ---- the driver table ----
+ * What every format with state of its own fills in, by the names its
+ * file gives them: ID_create_opts, ID_probe, ID_open, ID_close,
+ * ID_create and ID_get_info. */
+#define FMT_DRIVER(id, state) \
+	.name = #id, .state_size = sizeof(state), \
+	.create_opts = id##_create_opts, .probe = id##_probe, \
+	.open = id##_open, .close = id##_close, .create = id##_create, \
+	.get_info = id##_get_info
+/* The callbacks of a table-mapped format (fmt_map_* below). */
+#define FMT_MAPPED_RW \
+	.pread = fmt_map_pread, .pwrite = fmt_map_pwrite, .flush = fmt_flush
+#define FMT_MAPPED_IO FMT_MAPPED_RW, .block_status = fmt_map_status
+
 /* ---- messages and ranges ---- */
 /* Puts the message in e and returns ret (a -errno), so that a refusal is
  * one statement. */

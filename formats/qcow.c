@@ -593,20 +593,10 @@ out:
 }
 
 const struct blk_driver qcow_driver = {
-	.name = "qcow",
+	FMT_DRIVER(qcow, struct qcow),
 	.caps = BLK_CAP_CREATE | BLK_CAP_WRITE | BLK_CAP_BACKING |
 		BLK_CAP_COMPRESS | BLK_CAP_ZERO_INIT,
-	.state_size = sizeof(struct qcow),
-	.create_opts = qcow_create_opts,
-	.probe = qcow_probe,
-	.open = qcow_open,
-	.close = qcow_close,
-	.pread = fmt_map_pread,
-	.pwrite = fmt_map_pwrite,
+	FMT_MAPPED_IO,
 	.pwrite_zeroes = qcow_pwrite_zeroes,
-	.block_status = fmt_map_status,
 	.write_compressed = qcow_write_compressed,
-	.flush = fmt_flush,
-	.create = qcow_create,
-	.get_info = qcow_get_info,
 };

@@ -849,23 +849,13 @@ out:
 }
 
 const struct blk_driver qed_driver = {
-	.name = "qed",
+	FMT_DRIVER(qed, struct qed),
 	.caps = BLK_CAP_CREATE | BLK_CAP_WRITE | BLK_CAP_BACKING |
 		BLK_CAP_ZERO_INIT | BLK_CAP_RESIZE | BLK_CAP_CHECK |
 		BLK_CAP_ZERO_WRITES,
-	.state_size = sizeof(struct qed),
-	.create_opts = qed_create_opts,
-	.probe = qed_probe,
-	.open = qed_open,
-	.close = qed_close,
-	.pread = fmt_map_pread,
-	.pwrite = fmt_map_pwrite,
+	FMT_MAPPED_IO,
 	.pwrite_zeroes = qed_pwrite_zeroes,
-	.block_status = fmt_map_status,
-	.flush = fmt_flush,
 	.truncate = qed_truncate,
-	.create = qed_create,
-	.get_info = qed_get_info,
 	.check = qed_check,
 	.change_backing = qed_change_backing,
 };

@@ -415,19 +415,9 @@ out:
 }
 
 const struct blk_driver vdi_driver = {
-	.name = "vdi",
+	FMT_DRIVER(vdi, struct vdi_state),
 	.caps = BLK_CAP_CREATE | BLK_CAP_WRITE | BLK_CAP_ZERO_INIT |
 		BLK_CAP_CHECK,
-	.state_size = sizeof(struct vdi_state),
-	.create_opts = vdi_create_opts,
-	.probe = vdi_probe,
-	.open = vdi_open,
-	.close = vdi_close,
-	.pread = fmt_map_pread,
-	.pwrite = fmt_map_pwrite,
-	.block_status = fmt_map_status,
-	.flush = fmt_flush,
-	.create = vdi_create,
-	.get_info = vdi_get_info,
+	FMT_MAPPED_IO,
 	.check = vdi_check,
 };

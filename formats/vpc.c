@@ -518,17 +518,7 @@ out:
 }
 
 const struct blk_driver vpc_driver = {
-	.name = "vpc",
+	FMT_DRIVER(vpc, struct vpc_state),
 	.caps = BLK_CAP_CREATE | BLK_CAP_WRITE | BLK_CAP_ZERO_INIT,
-	.state_size = sizeof(struct vpc_state),
-	.create_opts = vpc_create_opts,
-	.probe = vpc_probe,
-	.open = vpc_open,
-	.close = vpc_close,
-	.pread = fmt_map_pread,
-	.pwrite = fmt_map_pwrite,
-	.block_status = fmt_map_status,
-	.flush = fmt_flush,
-	.create = vpc_create,
-	.get_info = vpc_get_info,
+	FMT_MAPPED_IO,
 };

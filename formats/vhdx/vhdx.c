@@ -468,6 +468,12 @@ int vhdx_update_headers(struct blk *bs, bool clear_log)
 
 static int vhdx_do_open(struct blk *bs, struct err *e)
 {
+	/* in this order: the log is replayed before metadata and BAT are
+	 * read */
+	static int (*const step[])(struct blk *, struct err *) = {
+		vhdx_read_headers, vhdx_read_regions, vhdx_log_open,
+		vhdx_read_metadata, vhdx_read_bat,
+	};
 	struct vhdx *s = bs->opaque;
 	uint8_t sig[8];
 	int64_t fsize = fmt_file_size(bs, e);
@@ -481,21 +487,11 @@ static int vhdx_do_open(struct blk *bs, struct err *e)
 		return ret;
 	if (memcmp(sig, "vhdxfile", 8))
 		return vhdx_fail(bs, e, -EINVAL);
-	ret = vhdx_read_headers(bs, e);
-	if (ret < 0)
-		return ret;
-	ret = vhdx_read_regions(bs, e);
-	if (ret < 0)
-		return ret;
-	ret = vhdx_log_open(bs, e);
-	if (ret < 0)
-		return ret;
-	ret = vhdx_read_metadata(bs, e);
-	if (ret < 0)
-		return ret;
-	ret = vhdx_read_bat(bs, e);
-	if (ret < 0)
-		return ret;
+	for (size_t i = 0; i < ARRAY_SIZE(step); i++) {
+		ret = step[i](bs, e);
+		if (ret < 0)
+			return ret;
+	}
 	/* QEMU counts whole 512-byte sectors */
 	bs->size = ALIGN_DOWN(s->disk_size, 512);
 	s->map = &vhdx_map;
@@ -885,19 +881,10 @@ out:
 }
 
 const struct blk_driver vhdx_driver = {
-	.name = "vhdx",
+	FMT_DRIVER(vhdx, struct vhdx),
 	.caps = BLK_CAP_CREATE | BLK_CAP_WRITE | BLK_CAP_ZERO_INIT |
 		BLK_CAP_CHECK,
-	.state_size = sizeof(struct vhdx),
-	.create_opts = vhdx_create_opts,
-	.probe = vhdx_probe,
-	.open = vhdx_open,
-	.close = vhdx_close,
-	.pread = fmt_map_pread,
-	.pwrite = fmt_map_pwrite,
+	FMT_MAPPED_RW,
 	.pwrite_zeroes = vhdx_pwrite_zeroes,
-	.flush = fmt_flush,
-	.create = vhdx_create,
-	.get_info = vhdx_get_info,
 	.check = vhdx_check,
 };
