@@ -117,34 +117,33 @@ static uint64_t gran_end(uint64_t off, uint64_t gran)
 	return (off / gran + 1) * gran;	/* gran need not be a power of 2 */
 }
 
-size_t convert_zero_run(const uint8_t *buf, size_t len, uint64_t off,
-			uint64_t gran)
+/* Bytes from the start of buf while its granules are zero (zero true) or
+ * hold data (zero false). */
+static size_t gran_run(const uint8_t *buf, size_t len, uint64_t off,
+		       uint64_t gran, bool zero)
 {
 	size_t pos = 0;
 
 	while (pos < len) {
 		size_t n = (size_t)MIN(gran_end(off + pos, gran) - (off + pos),
 				       (uint64_t)(len - pos));
-		if (!buffer_is_zero(buf + pos, n))
+		if ((bool)buffer_is_zero(buf + pos, n) != zero)
 			return pos;
 		pos += n;
 	}
 	return len;
 }
 
+size_t convert_zero_run(const uint8_t *buf, size_t len, uint64_t off,
+			uint64_t gran)
+{
+	return gran_run(buf, len, off, gran, true);
+}
+
 size_t convert_data_run(const uint8_t *buf, size_t len, uint64_t off,
 			uint64_t gran)
 {
-	size_t pos = 0;
-
-	while (pos < len) {
-		size_t n = (size_t)MIN(gran_end(off + pos, gran) - (off + pos),
-				       (uint64_t)(len - pos));
-		if (buffer_is_zero(buf + pos, n))
-			return pos;
-		pos += n;
-	}
-	return len;
+	return gran_run(buf, len, off, gran, false);
 }
 
 /* ---- sources ---- */

@@ -217,6 +217,16 @@ static int aligned(struct bfile *f, uint64_t off, const void *buf, size_t len)
 	       IS_ALIGNED((uintptr_t)buf, f->align);
 }
 
+/* O_DIRECT wants aligned requests: a buffer for the aligned superset of
+ * [off, off+len), which starts at *start and is *blen long. */
+static char *bounce_buf(const struct bfile *f, uint64_t off, size_t len,
+			uint64_t *start, size_t *blen)
+{
+	*start = ALIGN_DOWN(off, f->align);
+	*blen = (size_t)(ALIGN_UP(off + len, f->align) - *start);
+	return blk_alloc_buf(*blen);
+}
+
 int bfile_pread(struct bfile *f, uint64_t off, void *buf, size_t len)
 {
 	int ret = fault_hit(F_READ);
@@ -226,10 +236,10 @@ int bfile_pread(struct bfile *f, uint64_t off, void *buf, size_t len)
 	if (!len)
 		return 0;
 	if (f->direct && !aligned(f, off, buf, len)) {
-		uint64_t start = ALIGN_DOWN(off, f->align);
-		uint64_t end = ALIGN_UP(off + len, f->align);
-		size_t blen = (size_t)(end - start);
-		char *b = blk_alloc_buf(blen);
+		uint64_t start;
+		size_t blen;
+		char *b = bounce_buf(f, off, len, &start, &blen);
+
 		if (!b)
 			return -ENOMEM;
 		ret = raw_pread_full(f->fd, start, b, blen);
@@ -253,10 +263,10 @@ int bfile_pwrite(struct bfile *f, uint64_t off, const void *buf, size_t len)
 		return -EBADF;
 	if (f->direct && !aligned(f, off, buf, len)) {
 		/* read-modify-write of the aligned superset */
-		uint64_t start = ALIGN_DOWN(off, f->align);
-		uint64_t end = ALIGN_UP(off + len, f->align);
-		size_t blen = (size_t)(end - start);
-		char *b = blk_alloc_buf(blen);
+		uint64_t start;
+		size_t blen;
+		char *b = bounce_buf(f, off, len, &start, &blen);
+
 		if (!b)
 			return -ENOMEM;
 		if (start != off || IS_ALIGNED(off + len, f->align) == 0)

@@ -18,7 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <zlib.h>
-#include "blk_driver.h"
+#include "fmt.h"
 
 #define QCOW_MAGIC		0x514649fbu	/* "QFI\xfb" */
 #define QCOW_HDR_SIZE		48
@@ -27,6 +27,7 @@
 #define QCOW_NO_KEY_MSG	"Parameter 'encrypt.key-secret' is required for cipher"
 
 struct qcow {
+	const struct fmt_map *map;	/* first: fmt_map_* find it here */
 	unsigned cluster_bits, l2_bits;
 	uint32_t crypt;
 	uint64_t cluster_size, l2_entries, l1_size, l1_offset;
@@ -41,11 +42,9 @@ struct qcow {
 };
 
 static const struct optdesc qcow_create_opts[] = {
-	{ "size", OPT_SIZE, "Virtual disk size", NULL, false },
-	{ "backing_file", OPT_STRING, "File name of a base image", NULL,
-	  false },
-	{ "backing_fmt", OPT_STRING, "Format of the backing image", NULL,
-	  false },
+	FMT_OPT_SIZE,
+	FMT_OPT_BACKING_FILE,
+	FMT_OPT_BACKING_FMT("Format of the backing image"),
 	{ "encryption", OPT_BOOL, "Encrypt the image with format 'aes'. "
 	  "(Deprecated in favor of encrypt.format=aes)", NULL, false },
 	{ "encrypt.format", OPT_STRING,
@@ -53,15 +52,10 @@ static const struct optdesc qcow_create_opts[] = {
 	{ "encrypt.key-secret", OPT_STRING,
 	  "ID of the secret that provides the AES encryption key", NULL,
 	  false },
-	{ "preallocation", OPT_STRING,
-	  "Preallocation mode (allowed values: off, falloc, full)", NULL,
-	  true },
-	{ "nocow", OPT_BOOL, "Turn off copy-on-write (valid only on btrfs)",
-	  NULL, true },
-	{ "extent_size_hint", OPT_SIZE,
-	  "Extent size hint for the image file, 0 to disable", NULL, true },
-	{ NULL, 0, NULL, NULL, false }
+	FMT_OPT_FILE
 };
+
+static const struct fmt_map qcow_map;
 
 static int qcow_probe(const uint8_t *buf, size_t len, const char *filename)
 {
@@ -72,42 +66,25 @@ static int qcow_probe(const uint8_t *buf, size_t len, const char *filename)
 	return 0;
 }
 
-/* QEMU's block layer refuses reads whose end passes INT64_MAX with EIO. */
-static bool qcow_range_ok(uint64_t off, uint64_t len)
-{
-	return off <= (uint64_t)INT64_MAX && len <= (uint64_t)INT64_MAX - off;
-}
-
 static int qcow_do_open(struct blk *bs, struct err *e)
 {
 	struct qcow *s = bs->opaque;
 	uint8_t h[QCOW_HDR_SIZE];
 	uint64_t size, boff, shift_span;
 	uint32_t version, blen;
-	int64_t fsize = bfile_size(bs->file);
+	int64_t fsize = fmt_read_header(bs, h, sizeof(h), "header", e);
 	int ret;
 
-	if (fsize < 0) {
-		err_set(e, "Could not get the size of '%s': %s", bs->filename,
-			strerror((int)-fsize));
+	if (fsize < 0)
 		return (int)fsize;
-	}
-	ret = bfile_pread(bs->file, 0, h, sizeof(h));
-	if (ret < 0) {
-		err_set(e, "Could not read header: %s", strerror(-ret));
-		return ret;
-	}
-	if (ld_be32(h) != QCOW_MAGIC) {
-		err_set(e, "Image not in qcow format");
-		return -EINVAL;
-	}
+	if (ld_be32(h) != QCOW_MAGIC)
+		return fmt_err(e, -EINVAL, "Image not in qcow format");
 	version = ld_be32(h + 4);
-	if (version != 1) {
-		err_set(e, "qcow (v1) does not support qcow version %u%s",
-			version, version == 2 || version == 3 ?
-			"\nTry the 'qcow2' driver instead." : "");
-		return -ENOTSUP;
-	}
+	if (version != 1)
+		return fmt_err(e, -ENOTSUP, "qcow (v1) does not support qcow "
+			       "version %u%s", version,
+			       version == 2 || version == 3 ?
+			       "\nTry the 'qcow2' driver instead." : "");
 	boff = ld_be64(h + 8);
 	blen = ld_be32(h + 16);
 	size = ld_be64(h + 24);
@@ -116,81 +93,54 @@ static int qcow_do_open(struct blk *bs, struct err *e)
 	s->crypt = ld_be32(h + 36);
 	s->l1_offset = ld_be64(h + 40);
 
-	if (size <= 1) {
-		err_set(e, "Image size is too small (must be at least 2 "
-			"bytes)");
-		return -EINVAL;
-	}
-	if (s->cluster_bits < 9 || s->cluster_bits > 16) {
-		err_set(e, "Cluster size must be between 512 and 64k");
-		return -EINVAL;
-	}
+	if (size <= 1)
+		return fmt_err(e, -EINVAL, "Image size is too small (must be "
+			       "at least 2 bytes)");
+	if (s->cluster_bits < 9 || s->cluster_bits > 16)
+		return fmt_err(e, -EINVAL, "Cluster size must be between 512 "
+			       "and 64k");
 	/* L2 tables of 512 bytes .. 64 KiB */
-	if (s->l2_bits < 6 || s->l2_bits > 13) {
-		err_set(e, "L2 table size must be between 512 and 64k");
-		return -EINVAL;
-	}
-	if (s->crypt > 1) {
-		err_set(e, "invalid encryption method in qcow header");
-		return -EINVAL;
-	}
+	if (s->l2_bits < 6 || s->l2_bits > 13)
+		return fmt_err(e, -EINVAL, "L2 table size must be between 512 "
+			       "and 64k");
+	if (s->crypt > 1)
+		return fmt_err(e, -EINVAL, "invalid encryption method in qcow "
+			       "header");
 	/* Encrypted images can be described (info) but not read: refuse them
 	 * wherever data is going to be accessed, as QEMU does without the
 	 * key. */
-	if (s->crypt && !(bs->flags & BLK_O_NO_BACKING)) {
-		err_set(e, QCOW_NO_KEY_MSG);
-		return -EINVAL;
-	}
+	if (s->crypt && !(bs->flags & BLK_O_NO_BACKING))
+		return fmt_err(e, -EINVAL, QCOW_NO_KEY_MSG);
 	s->cluster_size = 1ULL << s->cluster_bits;
 	s->l2_entries = 1ULL << s->l2_bits;
 	shift_span = 1ULL << (s->cluster_bits + s->l2_bits);
-	if (size > UINT64_MAX - shift_span) {
-		err_set(e, "Image too large");
-		return -EINVAL;
-	}
+	if (size > UINT64_MAX - shift_span)
+		return fmt_err(e, -EINVAL, "Image too large");
 	s->l1_size = (size + shift_span - 1) / shift_span;
-	if (s->l1_size > INT_MAX / 8) {
-		err_set(e, "Image too large");
-		return -EINVAL;
-	}
+	if (s->l1_size > INT_MAX / 8)
+		return fmt_err(e, -EINVAL, "Image too large");
 	/* The L1 table is read an entry at a time (it can be hundreds of
 	 * MiB for huge images); only its range is checked here. */
-	if (!qcow_range_ok(s->l1_offset, s->l1_size * 8)) {
-		err_set(e, "Could not open '%s': %s", bs->filename,
-			strerror(EIO));
-		return -EIO;
-	}
+	if (!fmt_range_ok(s->l1_offset, s->l1_size * 8))
+		return fmt_err(e, -EIO, "Could not open '%s': %s",
+			       bs->filename, strerror(EIO));
 	if (boff) {
-		char *name;
-
-		if (blen > QCOW_MAX_BACKING) {
-			err_set(e, "Backing file name too long");
-			return -EINVAL;
-		}
-		if (!qcow_range_ok(boff, blen)) {
-			err_set(e, "Could not open '%s': %s", bs->filename,
-				strerror(EIO));
-			return -EIO;
-		}
-		name = calloc(1, (size_t)blen + 1);
-		if (!name)
-			return -ENOMEM;
-		ret = bfile_pread(bs->file, boff, name, blen);
-		if (ret < 0) {
-			free(name);
-			err_set(e, "Could not read backing file name: %s",
-				strerror(-ret));
+		if (blen > QCOW_MAX_BACKING)
+			return fmt_err(e, -EINVAL, "Backing file name too long");
+		if (!fmt_range_ok(boff, blen))
+			return fmt_err(e, -EIO, "Could not open '%s': %s",
+				       bs->filename, strerror(EIO));
+		ret = fmt_read_backing_name(bs, boff, blen, "Could not read "
+					    "backing file name: %s", e);
+		if (ret < 0)
 			return ret;
-		}
-		bs->backing_file = name;
 	}
 	s->l2 = malloc(s->l2_entries * 8);
 	s->zbuf = malloc(s->cluster_size);
 	s->cbuf = malloc(s->cluster_size);
-	if (!s->l2 || !s->zbuf || !s->cbuf) {
-		err_set(e, "%s", strerror(ENOMEM));
-		return -ENOMEM;
-	}
+	if (!s->l2 || !s->zbuf || !s->cbuf)
+		return fmt_err(e, -ENOMEM, "%s", strerror(ENOMEM));
+	s->map = &qcow_map;
 	s->file_end = (uint64_t)fsize;
 	/* QEMU counts whole sectors: the tail of a size that is not a
 	 * multiple of 512 is not part of the disk. */
@@ -209,14 +159,9 @@ static void qcow_close(struct blk *bs)
 	s->zbuf = s->cbuf = NULL;
 }
 
-/* The block layer does not call close after a failed open. */
 static int qcow_open(struct blk *bs, struct err *e)
 {
-	int ret = qcow_do_open(bs, e);
-
-	if (ret < 0)
-		qcow_close(bs);
-	return ret;
+	return fmt_open(bs, e, qcow_do_open, qcow_close);
 }
 
 static int qcow_read_l1(struct blk *bs, uint64_t i, uint64_t *v)
@@ -248,7 +193,7 @@ static int qcow_load_l2(struct blk *bs, uint64_t off)
 
 	if (s->l2_offset == off)
 		return 0;
-	if (!qcow_range_ok(off, s->l2_entries * 8))
+	if (!fmt_range_ok(off, s->l2_entries * 8))
 		return -EIO;
 	s->l2_offset = 0;
 	ret = bfile_pread(bs->file, off, s->l2, s->l2_entries * 8);
@@ -281,7 +226,7 @@ static int qcow_decompress(struct blk *bs, uint64_t entry)
 		return 0;
 	s->cbuf_entry = 0;
 	qcow_compressed_loc(s, entry, &off, &len);
-	if (!qcow_range_ok(off, len))
+	if (!fmt_range_ok(off, len))
 		return -EIO;
 	ret = bfile_pread(bs->file, off, s->zbuf, (size_t)len);
 	if (ret < 0)
@@ -301,11 +246,11 @@ static int qcow_decompress(struct blk *bs, uint64_t entry)
 	return 0;
 }
 
-/* The run [off, off+*pnum) of clusters of the same kind as the one at
- * off, within one L2 table: unallocated, or host-contiguous plain
- * clusters; a compressed cluster is a run of its own. */
+/* The run at off of clusters of the same kind as the one at off, within
+ * one L2 table: unallocated, or host-contiguous plain clusters; a
+ * compressed cluster (FMT_OTHER) is a run of its own. */
 static int qcow_lookup(struct blk *bs, uint64_t off, uint64_t len,
-		       uint64_t *entry, uint64_t *pnum)
+		       enum fmt_op op, struct fmt_run *r)
 {
 	struct qcow *s = bs->opaque;
 	uint64_t cs = s->cluster_size, in = off & (cs - 1);
@@ -313,17 +258,23 @@ static int qcow_lookup(struct blk *bs, uint64_t off, uint64_t len,
 	uint64_t l1i = off >> (s->cluster_bits + s->l2_bits), l2off;
 	uint64_t l2i = (off >> s->cluster_bits) & (s->l2_entries - 1);
 	uint64_t n = cs - in, first;
-	int ret = qcow_read_l1(bs, l1i, &l2off);
+	int ret;
 
+	if (s->crypt) {
+		if (op == FMT_READ)
+			snprintf(bs->errmsg, sizeof(bs->errmsg),
+				 QCOW_NO_KEY_MSG);
+		return -EACCES;
+	}
+	ret = qcow_read_l1(bs, l1i, &l2off);
 	if (ret < 0)
 		return ret;
 	len = MIN(len, span - (off & (span - 1)));
-	if (!l2off) {
-		/* no L2 table: the whole rest of its span is unallocated */
-		*entry = 0;
-		*pnum = len;
+	r->kind = FMT_UNALLOC;
+	r->entry = 0;
+	r->len = len;
+	if (!l2off)	/* no L2 table: the whole rest of its span */
 		return 0;
-	}
 	ret = qcow_load_l2(bs, l2off);
 	if (ret < 0)
 		return ret;
@@ -335,67 +286,26 @@ static int qcow_lookup(struct blk *bs, uint64_t off, uint64_t len,
 			break;
 		n += cs;
 	}
-	*entry = first;
-	*pnum = MIN(n, len);
+	r->entry = first;
+	r->len = MIN(n, len);
+	if (first & QCOW_COMPRESSED)
+		r->kind = FMT_OTHER;
+	else if (first)
+		r->kind = FMT_DATA;
+	r->host = first + in;
 	return 0;
 }
 
-static int qcow_pread(struct blk *bs, uint64_t off, void *buf, size_t len)
+static int qcow_read_compressed(struct blk *bs, uint64_t off, uint8_t *buf,
+				const struct fmt_run *r)
 {
 	struct qcow *s = bs->opaque;
-	uint8_t *p = buf;
+	int ret = qcow_decompress(bs, r->entry);
 
-	if (s->crypt) {
-		snprintf(bs->errmsg, sizeof(bs->errmsg), QCOW_NO_KEY_MSG);
-		return -EACCES;
-	}
-	while (len) {
-		uint64_t entry, n, in = off & (s->cluster_size - 1);
-		int ret = qcow_lookup(bs, off, len, &entry, &n);
-
-		if (ret < 0)
-			return ret;
-		if (!entry) {
-			ret = blk_read_backing(bs, off, p, (size_t)n);
-		} else if (entry & QCOW_COMPRESSED) {
-			ret = qcow_decompress(bs, entry);
-			if (ret == 0)
-				memcpy(p, s->cbuf + in, (size_t)n);
-		} else {
-			if (!qcow_range_ok(entry + in, n))
-				return -EIO;
-			ret = bfile_pread(bs->file, entry + in, p, (size_t)n);
-		}
-		if (ret < 0)
-			return ret;
-		off += n;
-		p += n;
-		len -= (size_t)n;
-	}
-	return 0;
-}
-
-static int qcow_block_status(struct blk *bs, uint64_t off, uint64_t len,
-			     uint64_t *pnum, uint64_t *map,
-			     struct bfile **mfile)
-{
-	struct qcow *s = bs->opaque;
-	uint64_t entry;
-	int ret;
-
-	if (s->crypt)
-		return -EACCES;
-	ret = qcow_lookup(bs, off, len, &entry, pnum);
-	if (ret < 0)
-		return ret;
-	if (!entry)
-		return 0;
-	if (entry & QCOW_COMPRESSED)
-		return BLK_STAT_DATA | BLK_STAT_ALLOCATED |
-		       BLK_STAT_COMPRESSED;
-	*map = entry + (off & (s->cluster_size - 1));
-	*mfile = bs->file;
-	return BLK_STAT_DATA | BLK_STAT_ALLOCATED | BLK_STAT_OFFSET;
+	if (ret == 0)
+		memcpy(buf, s->cbuf + (off & (s->cluster_size - 1)),
+		       (size_t)r->len);
+	return ret;
 }
 
 /* Space at the end of the file, aligned. */
@@ -421,7 +331,7 @@ static int qcow_get_l2(struct blk *bs, uint64_t off)
 	if (l2off)
 		return qcow_load_l2(bs, l2off);
 	l2off = qcow_alloc(s, s->l2_entries * 8, s->cluster_size);
-	if (!qcow_range_ok(l2off, s->l2_entries * 8))
+	if (!fmt_range_ok(l2off, s->l2_entries * 8))
 		return -EFBIG;
 	s->l2_offset = 0;
 	memset(s->l2, 0, s->l2_entries * 8);
@@ -451,16 +361,20 @@ static int qcow_set_entry(struct blk *bs, uint64_t off, uint64_t entry)
 	return bfile_pwrite(bs->file, s->l2_offset + i * 8, raw, 8);
 }
 
-/* Writes into one cluster that is unallocated or compressed: a new plain
- * cluster gets the old content around the new bytes. */
+/* Writes into the first cluster of a run that is unallocated or
+ * compressed: a new plain cluster gets the old content around the new
+ * bytes. */
 static int qcow_write_new(struct blk *bs, uint64_t off, const uint8_t *buf,
-			  uint64_t n, uint64_t entry)
+			  struct fmt_run *r)
 {
 	struct qcow *s = bs->opaque;
 	uint64_t cs = s->cluster_size, start = ALIGN_DOWN(off, cs), host;
+	uint64_t n = MIN(r->len, start + cs - off), entry = r->entry;
 	uint8_t *c = NULL;
 	const uint8_t *src = buf;
 	int ret;
+
+	r->len = n;
 
 	if (n < cs) {
 		c = blk_alloc_buf(cs);
@@ -485,7 +399,7 @@ static int qcow_write_new(struct blk *bs, uint64_t off, const uint8_t *buf,
 	if (ret < 0)
 		goto out;
 	host = qcow_alloc(s, cs, cs);
-	if (!qcow_range_ok(host, cs) || host >= 1ULL << (63 - s->cluster_bits)) {
+	if (!fmt_range_ok(host, cs) || host >= 1ULL << (63 - s->cluster_bits)) {
 		ret = -EFBIG;
 		goto out;
 	}
@@ -497,36 +411,11 @@ out:
 	return ret;
 }
 
-static int qcow_pwrite(struct blk *bs, uint64_t off, const void *buf,
-		       size_t len)
-{
-	struct qcow *s = bs->opaque;
-	const uint8_t *p = buf;
-
-	if (s->crypt)
-		return -EACCES;
-	while (len) {
-		uint64_t entry, n, in = off & (s->cluster_size - 1);
-		int ret = qcow_lookup(bs, off, len, &entry, &n);
-
-		if (ret < 0)
-			return ret;
-		if (!entry || (entry & QCOW_COMPRESSED)) {
-			n = MIN(n, s->cluster_size - in);
-			ret = qcow_write_new(bs, off, p, n, entry);
-		} else {
-			if (!qcow_range_ok(entry + in, n))
-				return -EIO;
-			ret = bfile_pwrite(bs->file, entry + in, p, (size_t)n);
-		}
-		if (ret < 0)
-			return ret;
-		off += n;
-		p += n;
-		len -= (size_t)n;
-	}
-	return 0;
-}
+static const struct fmt_map qcow_map = {
+	.lookup = qcow_lookup,
+	.alloc_write = qcow_write_new,
+	.read_other = qcow_read_compressed,
+};
 
 /* Unallocated clusters of an image without a backing file already read
  * as zeroes; everything else is written. */
@@ -538,23 +427,23 @@ static int qcow_pwrite_zeroes(struct blk *bs, uint64_t off, uint64_t len,
 
 	(void)flags;
 	while (len) {
-		uint64_t entry, n;
+		struct fmt_run r;
 
-		ret = qcow_lookup(bs, off, len, &entry, &n);
+		ret = qcow_lookup(bs, off, len, FMT_WRITE, &r);
 		if (ret < 0)
 			break;
-		if (entry || (bs->backing_file && bs->backing_file[0])) {
-			n = MIN(n, 1 << 20);
+		if (r.entry || (bs->backing_file && bs->backing_file[0])) {
+			r.len = MIN(r.len, 1 << 20);
 			if (!z && !(z = calloc(1, 1 << 20))) {
 				ret = -ENOMEM;
 				break;
 			}
-			ret = qcow_pwrite(bs, off, z, (size_t)n);
+			ret = fmt_map_pwrite(bs, off, z, (size_t)r.len);
 			if (ret < 0)
 				break;
 		}
-		off += n;
-		len -= n;
+		off += r.len;
+		len -= r.len;
 	}
 	free(z);
 	return ret;
@@ -598,7 +487,8 @@ static int qcow_write_compressed(struct blk *bs, uint64_t off,
 	deflateEnd(&z);
 	if (ret != Z_STREAM_END || (uint64_t)clen >= cs) {
 		/* does not shrink: store it plainly */
-		ret = qcow_pwrite(bs, off, in, (size_t)cs > len ? len : cs);
+		ret = fmt_map_pwrite(bs, off, in,
+				     (size_t)cs > len ? len : cs);
 		free(pad);
 		return ret;
 	}
@@ -619,11 +509,6 @@ static int qcow_write_compressed(struct blk *bs, uint64_t off,
 	return qcow_set_entry(bs, off, entry);
 }
 
-static int qcow_flush(struct blk *bs)
-{
-	return bfile_flush(bs->file);
-}
-
 static int qcow_get_info(struct blk *bs, struct blk_info *bi)
 {
 	struct qcow *s = bs->opaque;
@@ -638,48 +523,40 @@ static int qcow_create(const char *filename, const struct optlist *opts,
 {
 	const char *bf = optlist_get(opts, "backing_file");
 	const char *ef = optlist_get(opts, "encrypt.format");
-	uint64_t size = 0, l1_size, l1_bytes, l1off, done;
+	uint64_t size = 0, l1_size, l1off;
 	unsigned cbits = 12, l2bits = 9;
 	size_t blen = bf ? strlen(bf) : 0;
-	uint8_t h[QCOW_HDR_SIZE], *z = NULL;
+	uint8_t h[QCOW_HDR_SIZE];
 	struct bfile *f;
 	bool enc = false;
 	int ret;
 
 	/* QEMU creates the file first; refused options leave it empty. */
-	ret = bfile_open(&f, filename, BFILE_CREATE | BFILE_RDWR,
-			 CACHE_WRITEBACK, e);
+	ret = fmt_create_file(&f, filename, e);
 	if (ret < 0)
 		return ret;
+	ret = -EINVAL;
 	if (optlist_get_size(opts, "size", &size, e) < 0 ||
-	    optlist_get_bool(opts, "encryption", &enc, e) < 0) {
-		ret = -EINVAL;
+	    optlist_get_bool(opts, "encryption", &enc, e) < 0)
 		goto out;
-	}
 	if (enc || ef || optlist_get(opts, "encrypt.key-secret")) {
-		if (ef && strcmp(ef, "aes")) {
-			err_set(e, "Parameter 'format' does not accept "
+		if (ef && strcmp(ef, "aes"))
+			fmt_err(e, 0, "Parameter 'format' does not accept "
 				"value '%s'", ef);
-			ret = -EINVAL;
-			goto out;
-		}
-		if (!optlist_get(opts, "encrypt.key-secret"))
-			err_set(e, QCOW_NO_KEY_MSG);
+		else if (!optlist_get(opts, "encrypt.key-secret"))
+			ret = fmt_err(e, -ENOTSUP, QCOW_NO_KEY_MSG);
 		else
-			err_set(e, "AES encrypted qcow images are not "
-				"supported");
-		ret = -ENOTSUP;
+			ret = fmt_err(e, -ENOTSUP, "AES encrypted qcow images "
+				      "are not supported");
 		goto out;
 	}
 	size = ALIGN_UP(size, 512);
 	if (!size) {
-		err_set(e, "Image size is too small, cannot be zero length");
-		ret = -EINVAL;
+		fmt_err(e, 0, "Image size is too small, cannot be zero length");
 		goto out;
 	}
 	if (blen > QCOW_MAX_BACKING) {
-		err_set(e, "Backing file name too long");
-		ret = -EINVAL;
+		fmt_err(e, 0, "Backing file name too long");
 		goto out;
 	}
 	if (blen) {
@@ -689,11 +566,9 @@ static int qcow_create(const char *filename, const struct optlist *opts,
 		l2bits = 12;
 	}
 	l1_size = DIV_ROUND_UP(size, 1ULL << (cbits + l2bits));
-	l1_bytes = ALIGN_UP(l1_size * 8, 512);
 	l1off = QCOW_HDR_SIZE + blen;
 	if (l1_size > INT_MAX / 8) {
-		err_set(e, "Image size is too big");
-		ret = -EFBIG;
+		ret = fmt_err(e, -EFBIG, "Image size is too big");
 		goto out;
 	}
 	memset(h, 0, sizeof(h));
@@ -711,37 +586,17 @@ static int qcow_create(const char *filename, const struct optlist *opts,
 	if (ret == 0 && blen)
 		ret = bfile_pwrite(f, QCOW_HDR_SIZE, bf, blen);
 	/* the L1 table is written out as zeroes, like QEMU does */
-	z = calloc(1, 1 << 20);
-	if (!z && ret == 0)
-		ret = -ENOMEM;
-	for (done = 0; ret == 0 && done < l1_bytes; ) {
-		uint64_t n = MIN(l1_bytes - done, 1 << 20);
-		ret = bfile_pwrite(f, l1off + done, z, (size_t)n);
-		done += n;
-	}
-	if (ret < 0)
-		err_set(e, "Could not write the image: %s", strerror(-ret));
+	if (ret == 0)
+		ret = fmt_write_zeroes(f, l1off, ALIGN_UP(l1_size * 8, 512));
 out:
-	free(z);
-	bfile_close(f);
-	return ret;
+	return fmt_create_end(f, ret, "Could not write the image", e);
 }
 
 const struct blk_driver qcow_driver = {
-	.name = "qcow",
+	FMT_DRIVER(qcow, struct qcow),
 	.caps = BLK_CAP_CREATE | BLK_CAP_WRITE | BLK_CAP_BACKING |
 		BLK_CAP_COMPRESS | BLK_CAP_ZERO_INIT,
-	.state_size = sizeof(struct qcow),
-	.create_opts = qcow_create_opts,
-	.probe = qcow_probe,
-	.open = qcow_open,
-	.close = qcow_close,
-	.pread = qcow_pread,
-	.pwrite = qcow_pwrite,
+	FMT_MAPPED_IO,
 	.pwrite_zeroes = qcow_pwrite_zeroes,
-	.block_status = qcow_block_status,
 	.write_compressed = qcow_write_compressed,
-	.flush = qcow_flush,
-	.create = qcow_create,
-	.get_info = qcow_get_info,
 };

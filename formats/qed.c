@@ -14,7 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include "blk_driver.h"
+#include "fmt.h"
 
 #define QED_MAGIC		0x00444551	/* "QED\0" little-endian */
 #define QED_HDR_SIZE		64
@@ -37,6 +37,7 @@
 #define QED_ZERO	1
 
 struct qed {
+	const struct fmt_map *map;	/* first: fmt_map_* find it here */
 	uint32_t cluster_size, table_size, header_size;
 	unsigned cluster_bits, table_bits;	/* table_bits: log2(entries) */
 	uint64_t entries;			/* per table */
@@ -51,24 +52,15 @@ struct qed {
 };
 
 static const struct optdesc qed_create_opts[] = {
-	{ "size", OPT_SIZE, "Virtual disk size", NULL, false },
-	{ "backing_file", OPT_STRING, "File name of a base image", NULL,
-	  false },
-	{ "backing_fmt", OPT_STRING, "Image format of the base image", NULL,
-	  false },
+	FMT_OPT_SIZE,
+	FMT_OPT_BACKING,
 	{ "cluster_size", OPT_SIZE, "Cluster size (in bytes)", "65536",
 	  false },
-	{ "table_size", OPT_SIZE, "L1/L2 table size (in clusters)", NULL,
-	  false },
-	{ "preallocation", OPT_STRING,
-	  "Preallocation mode (allowed values: off, falloc, full)", NULL,
-	  true },
-	{ "nocow", OPT_BOOL, "Turn off copy-on-write (valid only on btrfs)",
-	  NULL, true },
-	{ "extent_size_hint", OPT_SIZE,
-	  "Extent size hint for the image file, 0 to disable", NULL, true },
-	{ NULL, 0, NULL, NULL, false }
+	FMT_OPT("table_size", OPT_SIZE, "L1/L2 table size (in clusters)"),
+	FMT_OPT_FILE
 };
+
+static const struct fmt_map qed_map;
 
 static bool is_pow2(uint64_t v)
 {
@@ -181,23 +173,13 @@ static int qed_do_open(struct blk *bs, struct err *e)
 {
 	struct qed *s = bs->opaque;
 	uint8_t h[QED_HDR_SIZE];
-	int64_t fsize = bfile_size(bs->file);
+	int64_t fsize = fmt_read_header(bs, h, sizeof(h), "header", e);
 	int ret;
 
-	if (fsize < 0) {
-		err_set(e, "Could not get the size of '%s': %s", bs->filename,
-			strerror((int)-fsize));
+	if (fsize < 0)
 		return (int)fsize;
-	}
-	ret = bfile_pread(bs->file, 0, h, sizeof(h));
-	if (ret < 0) {
-		err_set(e, "Could not read header: %s", strerror(-ret));
-		return ret;
-	}
-	if (ld_le32(h) != QED_MAGIC) {
-		err_set(e, "Image not in QED format");
-		return -EINVAL;
-	}
+	if (ld_le32(h) != QED_MAGIC)
+		return fmt_err(e, -EINVAL, "Image not in QED format");
 	s->cluster_size = ld_le32(h + 4);
 	s->table_size = ld_le32(h + 8);
 	s->header_size = ld_le32(h + 12);
@@ -207,24 +189,17 @@ static int qed_do_open(struct blk *bs, struct err *e)
 	s->l1_offset = ld_le64(h + 40);
 	s->image_size = ld_le64(h + 48);
 
-	if (s->features & ~(uint64_t)QED_F_KNOWN) {
-		err_set(e, "Unsupported QED features: %llx",
-			(unsigned long long)(s->features & ~(uint64_t)QED_F_KNOWN));
-		return -ENOTSUP;
-	}
-	if (!qed_cluster_size_ok(s->cluster_size)) {
-		err_set(e, "QED cluster size is invalid");
-		return -EINVAL;
-	}
-	if (!qed_table_size_ok(s->table_size)) {
-		err_set(e, "QED table size is invalid");
-		return -EINVAL;
-	}
+	if (s->features & ~(uint64_t)QED_F_KNOWN)
+		return fmt_err(e, -ENOTSUP, "Unsupported QED features: %llx",
+			       (unsigned long long)(s->features &
+						    ~(uint64_t)QED_F_KNOWN));
+	if (!qed_cluster_size_ok(s->cluster_size))
+		return fmt_err(e, -EINVAL, "QED cluster size is invalid");
+	if (!qed_table_size_ok(s->table_size))
+		return fmt_err(e, -EINVAL, "QED table size is invalid");
 	if (!qed_image_size_ok(s->image_size, s->cluster_size,
-			       s->table_size)) {
-		err_set(e, "QED image size is invalid");
-		return -EINVAL;
-	}
+			       s->table_size))
+		return fmt_err(e, -EINVAL, "QED image size is invalid");
 	s->cluster_bits = log2_u64(s->cluster_size);
 	s->table_bytes = (uint64_t)s->table_size * s->cluster_size;
 	s->entries = s->table_bytes / 8;
@@ -234,38 +209,25 @@ static int qed_do_open(struct blk *bs, struct err *e)
 	 * clusters start at the last cluster boundary (spec: "extra
 	 * information after the last cluster may not be preserved"). */
 	s->file_end = ALIGN_DOWN((uint64_t)fsize, s->cluster_size);
-	if (!qed_table_ok(s, s->l1_offset)) {
-		err_set(e, "QED table offset is invalid");
-		return -EINVAL;
-	}
-	if (s->table_bytes > QED_MAX_TABLE_BYTES) {
-		err_set(e, "QED table of %llu bytes is too large",
-			(unsigned long long)s->table_bytes);
-		return -EFBIG;
-	}
+	if (!qed_table_ok(s, s->l1_offset))
+		return fmt_err(e, -EINVAL, "QED table offset is invalid");
+	if (s->table_bytes > QED_MAX_TABLE_BYTES)
+		return fmt_err(e, -EFBIG, "QED table of %llu bytes is too "
+			       "large", (unsigned long long)s->table_bytes);
 
 	if (s->features & QED_F_BACKING_FILE) {
 		uint32_t boff = ld_le32(h + 56), blen = ld_le32(h + 60);
-		char *name;
 
-		if ((uint64_t)boff + blen > s->header_end) {
-			err_set(e, "QED backing filename offset is invalid");
-			return -EINVAL;
-		}
-		if (blen > QED_MAX_BACKING_NAME) {
-			err_set(e, "Failed to read backing filename");
-			return -EINVAL;
-		}
-		name = calloc(1, (size_t)blen + 1);
-		if (!name)
-			return -ENOMEM;
-		ret = bfile_pread(bs->file, boff, name, blen);
-		if (ret < 0) {
-			free(name);
-			err_set(e, "Failed to read backing filename");
+		if ((uint64_t)boff + blen > s->header_end)
+			return fmt_err(e, -EINVAL, "QED backing filename "
+				       "offset is invalid");
+		if (blen > QED_MAX_BACKING_NAME)
+			return fmt_err(e, -EINVAL, "Failed to read backing "
+				       "filename");
+		ret = fmt_read_backing_name(bs, boff, blen, "Failed to read "
+					    "backing filename", e);
+		if (ret < 0)
 			return ret;
-		}
-		bs->backing_file = name;	/* stops at a NUL, like C */
 		if (s->features & QED_F_BACKING_RAW) {
 			bs->backing_fmt = strdup("raw");
 			if (!bs->backing_fmt)
@@ -275,16 +237,14 @@ static int qed_do_open(struct blk *bs, struct err *e)
 
 	s->l1 = malloc(s->table_bytes);
 	s->l2 = malloc(s->table_bytes);
-	if (!s->l1 || !s->l2) {
-		err_set(e, "%s", strerror(ENOMEM));
-		return -ENOMEM;
-	}
+	if (!s->l1 || !s->l2)
+		return fmt_err(e, -ENOMEM, "%s", strerror(ENOMEM));
 	ret = qed_read_table(bs, s->l1_offset, s->l1);
-	if (ret < 0) {
-		err_set(e, "Could not read L1 table: %s", strerror(-ret));
-		return ret;
-	}
+	if (ret < 0)
+		return fmt_err(e, ret, "Could not read L1 table: %s",
+			       strerror(-ret));
 	bs->size = s->image_size;
+	s->map = &qed_map;
 
 	if (bs->flags & BLK_O_RDWR) {
 		bool dirty = false;
@@ -301,10 +261,8 @@ static int qed_do_open(struct blk *bs, struct err *e)
 			struct check_result r;
 			memset(&r, 0, sizeof(r));
 			ret = qed_check_impl(bs, &r, CHECK_FIX_ERRORS);
-			if (ret < 0) {
-				err_set(e, "Image corrupted");
-				return ret;
-			}
+			if (ret < 0)
+				return fmt_err(e, ret, "Image corrupted");
 			/* the mark stays while something is left unfixed */
 			if (r.corruptions == r.corruptions_fixed &&
 			    !r.check_errors) {
@@ -314,11 +272,9 @@ static int qed_do_open(struct blk *bs, struct err *e)
 		}
 		if (dirty) {
 			ret = qed_write_header(bs);
-			if (ret < 0) {
-				err_set(e, "Could not update header: %s",
-					strerror(-ret));
-				return ret;
-			}
+			if (ret < 0)
+				return fmt_err(e, ret, "Could not update "
+					       "header: %s", strerror(-ret));
 		}
 	}
 	return 0;
@@ -333,14 +289,9 @@ static void qed_close(struct blk *bs)
 	s->l1 = s->l2 = NULL;
 }
 
-/* The block layer does not call close after a failed open. */
 static int qed_open(struct blk *bs, struct err *e)
 {
-	int ret = qed_do_open(bs, e);
-
-	if (ret < 0)
-		qed_close(bs);
-	return ret;
+	return fmt_open(bs, e, qed_do_open, qed_close);
 }
 
 /* Loads the L2 table at off into the cache. */
@@ -379,24 +330,25 @@ static uint64_t qed_span(const struct qed *s, uint64_t off, uint64_t len)
 }
 
 /* Classifies the run starting at off (inside one L2 span, at most len
- * bytes): returns the L2 entry of its first cluster (0, 1 or a host
- * offset) and the run length in *pnum. Data runs are host-contiguous. */
+ * bytes): the L2 entry of its first cluster (0, 1 or a host offset) and
+ * the run length. Data runs are host-contiguous. */
 static int qed_lookup(struct blk *bs, uint64_t off, uint64_t len,
-		      uint64_t *entry, uint64_t *pnum)
+		      enum fmt_op op, struct fmt_run *r)
 {
 	struct qed *s = bs->opaque;
 	uint64_t l1i, l2i, l2off, first, cs = s->cluster_size;
 	uint64_t in = off & (cs - 1), n;
 	int ret;
 
+	(void)op;
 	len = qed_span(s, off, len);
 	qed_index(s, off, &l1i, &l2i);
 	l2off = s->l1[l1i];
-	if (l2off == QED_UNALLOC) {
-		*entry = QED_UNALLOC;
-		*pnum = len;
+	r->kind = FMT_UNALLOC;
+	r->entry = QED_UNALLOC;
+	r->len = len;
+	if (l2off == QED_UNALLOC)
 		return 0;
-	}
 	ret = qed_load_l2(bs, l2off);
 	if (ret < 0)
 		return ret;
@@ -416,56 +368,14 @@ static int qed_lookup(struct blk *bs, uint64_t off, uint64_t len,
 		}
 		n += cs;
 	}
-	*entry = first;
-	*pnum = MIN(n, len);
+	r->entry = first;
+	r->len = MIN(n, len);
+	if (first == QED_ZERO)
+		r->kind = FMT_ZERO;
+	else if (first != QED_UNALLOC)
+		r->kind = FMT_DATA;
+	r->host = first + in;
 	return 0;
-}
-
-static int qed_pread(struct blk *bs, uint64_t off, void *buf, size_t len)
-{
-	struct qed *s = bs->opaque;
-	uint8_t *p = buf;
-
-	while (len) {
-		uint64_t entry, n;
-		int ret = qed_lookup(bs, off, len, &entry, &n);
-
-		if (ret < 0)
-			return ret;
-		if (entry == QED_UNALLOC)
-			ret = blk_read_backing(bs, off, p, (size_t)n);
-		else if (entry == QED_ZERO)
-			memset(p, 0, (size_t)n);
-		else
-			ret = bfile_pread(bs->file,
-					  entry + (off & (s->cluster_size - 1)),
-					  p, (size_t)n);
-		if (ret < 0)
-			return ret;
-		off += n;
-		p += n;
-		len -= (size_t)n;
-	}
-	return 0;
-}
-
-static int qed_block_status(struct blk *bs, uint64_t off, uint64_t len,
-			    uint64_t *pnum, uint64_t *map,
-			    struct bfile **mfile)
-{
-	struct qed *s = bs->opaque;
-	uint64_t entry;
-	int ret = qed_lookup(bs, off, len, &entry, pnum);
-
-	if (ret < 0)
-		return ret;
-	if (entry == QED_UNALLOC)
-		return 0;
-	if (entry == QED_ZERO)
-		return BLK_STAT_ZERO | BLK_STAT_ALLOCATED;
-	*map = entry + (off & (s->cluster_size - 1));
-	*mfile = bs->file;
-	return BLK_STAT_DATA | BLK_STAT_ALLOCATED | BLK_STAT_OFFSET;
 }
 
 /* Writes L2 entries [i, i+n) of the cached table to disk. */
@@ -530,8 +440,9 @@ static int qed_cow_fill(struct blk *bs, uint64_t coff, uint64_t entry,
  * clusters [off, off+len) (one L2 span), data first, then the L2 entries.
  * buf NULL: the new clusters read as zero. */
 static int qed_alloc_write(struct blk *bs, uint64_t off, const uint8_t *buf,
-			   uint64_t len, uint64_t entry)
+			   struct fmt_run *r)
 {
+	uint64_t len = r->len, entry = r->entry;
 	struct qed *s = bs->opaque;
 	uint64_t cs = s->cluster_size, start = ALIGN_DOWN(off, cs);
 	uint64_t end = ALIGN_UP(off + len, cs), nclusters = (end - start) / cs;
@@ -578,32 +489,10 @@ static int qed_alloc_write(struct blk *bs, uint64_t off, const uint8_t *buf,
 	return qed_write_l2_entries(bs, l2i, nclusters);
 }
 
-static int qed_pwrite(struct blk *bs, uint64_t off, const void *buf,
-		      size_t len)
-{
-	struct qed *s = bs->opaque;
-	const uint8_t *p = buf;
-
-	while (len) {
-		uint64_t entry, n;
-		int ret = qed_lookup(bs, off, len, &entry, &n);
-
-		if (ret < 0)
-			return ret;
-		if (entry == QED_UNALLOC || entry == QED_ZERO)
-			ret = qed_alloc_write(bs, off, p, n, entry);
-		else
-			ret = bfile_pwrite(bs->file,
-					   entry + (off & (s->cluster_size - 1)),
-					   p, (size_t)n);
-		if (ret < 0)
-			return ret;
-		off += n;
-		p += n;
-		len -= (size_t)n;
-	}
-	return 0;
-}
+static const struct fmt_map qed_map = {
+	.lookup = qed_lookup,
+	.alloc_write = qed_alloc_write,
+};
 
 /* Whole clusters become zero clusters (entry 1, which also hides the
  * backing file); allocated clusters are zeroed in place so that nothing
@@ -617,19 +506,22 @@ static int qed_pwrite_zeroes(struct blk *bs, uint64_t off, uint64_t len,
 	(void)flags;
 	while (len) {
 		uint64_t entry, n, head, l1i, l2i;
+		struct fmt_run r;
 		int ret;
 
-		ret = qed_lookup(bs, off, len, &entry, &n);
+		ret = qed_lookup(bs, off, len, FMT_WRITE, &r);
 		if (ret < 0)
 			return ret;
+		entry = r.entry;
+		n = r.len;
 		head = off & (cs - 1);
 		if (head || n < cs) {
 			/* partial cluster: at most up to its end */
-			n = MIN(n, cs - head);
+			n = r.len = MIN(n, cs - head);
 			if (entry == QED_ZERO)
 				;
 			else if (entry == QED_UNALLOC)
-				ret = qed_alloc_write(bs, off, NULL, n, entry);
+				ret = qed_alloc_write(bs, off, NULL, &r);
 			else
 				ret = bfile_zero(bs->file, entry + head, n,
 						 false);
@@ -655,11 +547,6 @@ static int qed_pwrite_zeroes(struct blk *bs, uint64_t off, uint64_t len,
 		len -= n;
 	}
 	return 0;
-}
-
-static int qed_flush(struct blk *bs)
-{
-	return bfile_flush(bs->file);
 }
 
 static int qed_truncate(struct blk *bs, uint64_t size, int prealloc,
@@ -891,70 +778,56 @@ static int qed_create(const char *filename, const struct optlist *opts,
 	uint64_t size = 0, cs = 65536, ts = 4, hdr_clusters = 1, l1off;
 	const char *bf = optlist_get(opts, "backing_file");
 	const char *bfmt = optlist_get(opts, "backing_fmt");
-	const char *pa = optlist_get(opts, "preallocation");
 	struct bfile *f;
-	uint8_t *h = NULL, *zero = NULL;
+	uint8_t *h = NULL;
 	size_t blen = bf ? strlen(bf) : 0, hlen;
-	int prealloc = PREALLOC_OFF, ret;
+	int prealloc, ret;
 
 	/* QEMU creates the file before looking at the options, so a refused
 	 * option leaves an empty file behind; do the same. */
-	ret = bfile_open(&f, filename, BFILE_CREATE | BFILE_RDWR,
-			 CACHE_WRITEBACK, e);
+	ret = fmt_create_file(&f, filename, e);
 	if (ret < 0)
 		return ret;
+	ret = -EINVAL;
 	if (optlist_get_size(opts, "size", &size, e) < 0 ||
 	    optlist_get_size(opts, "cluster_size", &cs, e) < 0 ||
-	    optlist_get_size(opts, "table_size", &ts, e) < 0) {
-		ret = -EINVAL;
+	    optlist_get_size(opts, "table_size", &ts, e) < 0 ||
+	    fmt_opt_prealloc(opts, &prealloc, e) < 0)
 		goto out;
-	}
-	if (pa && blk_parse_prealloc(pa, &prealloc) < 0) {
-		err_set(e, "invalid parameter value: %s", pa);
-		ret = -EINVAL;
-		goto out;
-	}
 	if (!qed_cluster_size_ok(cs)) {
-		err_set(e, "QED cluster size must be within range [%u, %u] "
+		fmt_err(e, 0, "QED cluster size must be within range [%u, %u] "
 			"and power of 2", QED_MIN_CLUSTER, QED_MAX_CLUSTER);
-		ret = -EINVAL;
 		goto out;
 	}
 	if (!qed_table_size_ok(ts)) {
-		err_set(e, "QED table size must be within range [1, %u] and "
-			"power of 2", QED_MAX_TABLE);
-		ret = -EINVAL;
+		fmt_err(e, 0, "QED table size must be within range [1, %u] "
+			"and power of 2", QED_MAX_TABLE);
 		goto out;
 	}
 	if (size > UINT64_MAX - 511) {
-		ret = -EINVAL;
-		err_set(e, "Image size too large");
+		fmt_err(e, 0, "Image size too large");
 		goto out;
 	}
 	size = ALIGN_UP(size, 512);
 	if (!qed_image_size_ok(size, cs, ts)) {
-		err_set(e, "QED image size must be a non-zero multiple of "
+		fmt_err(e, 0, "QED image size must be a non-zero multiple of "
 			"cluster size and less than %llu bytes",
 			(unsigned long long)qed_max_size(cs, ts));
-		ret = -EINVAL;
 		goto out;
 	}
 	if (cs * ts > QED_MAX_TABLE_BYTES) {
-		err_set(e, "QED tables of %llu bytes are too large",
-			(unsigned long long)(cs * ts));
-		ret = -EFBIG;
+		ret = fmt_err(e, -EFBIG, "QED tables of %llu bytes are too "
+			      "large", (unsigned long long)(cs * ts));
 		goto out;
 	}
 	if (blen > QED_MAX_BACKING_NAME || QED_HDR_SIZE + blen > cs) {
-		err_set(e, "Backing file name too long");
-		ret = -EINVAL;
+		fmt_err(e, 0, "Backing file name too long");
 		goto out;
 	}
 	l1off = hdr_clusters * cs;
 	hlen = QED_HDR_SIZE + blen;
 	h = calloc(1, hlen);
-	zero = calloc(1, (size_t)(cs * ts));
-	if (!h || !zero) {
+	if (!h) {
 		ret = -ENOMEM;
 		goto out;
 	}
@@ -975,38 +848,22 @@ static int qed_create(const char *filename, const struct optlist *opts,
 	st_le64(h + 48, size);
 	/* The L1 table is written out (allocated) like QEMU does, then the
 	 * header; the header cluster stays sparse past the header. */
-	ret = bfile_pwrite(f, l1off, zero, (size_t)(cs * ts));
+	ret = fmt_write_zeroes(f, l1off, cs * ts);
 	if (ret == 0)
 		ret = bfile_pwrite(f, 0, h, hlen);
-	if (ret == 0)
-		ret = bfile_flush(f);
-	if (ret < 0)
-		err_set(e, "Could not write the image: %s", strerror(-ret));
 out:
 	free(h);
-	free(zero);
-	bfile_close(f);
-	return ret;
+	return fmt_create_end(f, ret, "Could not write the image", e);
 }
 
 const struct blk_driver qed_driver = {
-	.name = "qed",
+	FMT_DRIVER(qed, struct qed),
 	.caps = BLK_CAP_CREATE | BLK_CAP_WRITE | BLK_CAP_BACKING |
 		BLK_CAP_ZERO_INIT | BLK_CAP_RESIZE | BLK_CAP_CHECK |
 		BLK_CAP_ZERO_WRITES,
-	.state_size = sizeof(struct qed),
-	.create_opts = qed_create_opts,
-	.probe = qed_probe,
-	.open = qed_open,
-	.close = qed_close,
-	.pread = qed_pread,
-	.pwrite = qed_pwrite,
+	FMT_MAPPED_IO,
 	.pwrite_zeroes = qed_pwrite_zeroes,
-	.block_status = qed_block_status,
-	.flush = qed_flush,
 	.truncate = qed_truncate,
-	.create = qed_create,
-	.get_info = qed_get_info,
 	.check = qed_check,
 	.change_backing = qed_change_backing,
 };

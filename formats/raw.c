@@ -9,18 +9,11 @@
 
 #include <errno.h>
 #include <string.h>
-#include "blk_driver.h"
+#include "fmt.h"
 
 static const struct optdesc raw_create_opts[] = {
-	{ "size", OPT_SIZE, "Virtual disk size", NULL, false },
-	{ "preallocation", OPT_STRING,
-	  "Preallocation mode (allowed values: off, falloc, full)", NULL,
-	  true },
-	{ "nocow", OPT_BOOL, "Turn off copy-on-write (valid only on btrfs)",
-	  NULL, true },
-	{ "extent_size_hint", OPT_SIZE,
-	  "Extent size hint for the image file, 0 to disable", NULL, true },
-	{ NULL, 0, NULL, NULL, false }
+	FMT_OPT_SIZE,
+	FMT_OPT_FILE
 };
 
 static int raw_probe(const uint8_t *buf, size_t len, const char *filename)
@@ -33,13 +26,10 @@ static int raw_probe(const uint8_t *buf, size_t len, const char *filename)
 
 static int raw_open(struct blk *bs, struct err *e)
 {
-	int64_t size = bfile_size(bs->file);
+	int64_t size = fmt_file_size(bs, e);
 
-	if (size < 0) {
-		err_set(e, "Could not get the size of '%s': %s", bs->filename,
-			strerror((int)-size));
+	if (size < 0)
 		return (int)size;
-	}
 	/* QEMU sees a raw file in whole 512-byte sectors; the tail past
 	 * the end of the file reads as zeroes. */
 	bs->size = ALIGN_UP((uint64_t)size, 512);
@@ -81,11 +71,6 @@ static int raw_block_status(struct blk *bs, uint64_t off, uint64_t len,
 	return st | BLK_STAT_ALLOCATED | BLK_STAT_OFFSET;
 }
 
-static int raw_flush(struct blk *bs)
-{
-	return bfile_flush(bs->file);
-}
-
 static int raw_truncate(struct blk *bs, uint64_t size, int prealloc,
 			bool shrink, struct err *e)
 {
@@ -98,25 +83,19 @@ static int raw_create(const char *filename, const struct optlist *opts,
 {
 	struct bfile *f;
 	uint64_t size = 0;
-	int prealloc = PREALLOC_OFF, ret;
-	const char *p = optlist_get(opts, "preallocation");
+	int prealloc, ret;
 
 	if (optlist_get_size(opts, "size", &size, e) < 0)
 		return -EINVAL;
-	if (p && blk_parse_prealloc(p, &prealloc) < 0) {
-		err_set(e, "invalid parameter value: %s", p);
-		return -EINVAL;
-	}
-	if (prealloc == PREALLOC_METADATA) {
-		err_set(e, "Unsupported preallocation mode: metadata");
-		return -ENOTSUP;
-	}
-	if (optlist_get(opts, "backing_file")) {
-		err_set(e, "Backing file not supported for file format 'raw'");
-		return -ENOTSUP;
-	}
-	ret = bfile_open(&f, filename, BFILE_CREATE | BFILE_RDWR,
-			 CACHE_WRITEBACK, e);
+	ret = fmt_opt_prealloc(opts, &prealloc, e);
+	if (ret < 0)
+		return ret;
+	if (prealloc == PREALLOC_METADATA)
+		return fmt_err(e, -ENOTSUP, "Unsupported preallocation mode: "
+			       "metadata");
+	ret = fmt_no_backing(opts, "raw", e);
+	if (ret == 0)
+		ret = fmt_create_file(&f, filename, e);
 	if (ret < 0)
 		return ret;
 	if (size > INT64_MAX - 511) {
@@ -169,7 +148,7 @@ const struct blk_driver raw_driver = {
 	.pwrite_zeroes = raw_pwrite_zeroes,
 	.discard = raw_discard,
 	.block_status = raw_block_status,
-	.flush = raw_flush,
+	.flush = fmt_flush,
 	.truncate = raw_truncate,
 	.create = raw_create,
 	.measure = raw_measure,

@@ -16,7 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
-#include "blk_driver.h"
+#include "fmt.h"
 
 /* Header layout, byte offsets (VirtualBox VDIHEADER1 after the 64-byte
  * text pre-header). All fields are little-endian. */
@@ -60,6 +60,7 @@
 #define VDI_MAX_BMAP		(256u << 20)
 
 struct vdi_state {
+	const struct fmt_map *map;	/* first: fmt_map_* find it here */
 	uint32_t *bmap;			/* host-endian block map */
 	uint32_t blocks;		/* entries in the map */
 	uint32_t allocated;		/* blocks_allocated of the header */
@@ -69,18 +70,13 @@ struct vdi_state {
 };
 
 static const struct optdesc vdi_create_opts[] = {
-	{ "size", OPT_SIZE, "Virtual disk size", NULL, false },
+	FMT_OPT_SIZE,
 	{ "static", OPT_BOOL, "VDI static (pre-allocated) image", "off",
 	  false },
-	{ "preallocation", OPT_STRING,
-	  "Preallocation mode (allowed values: off, falloc, full)", NULL,
-	  true },
-	{ "nocow", OPT_BOOL, "Turn off copy-on-write (valid only on btrfs)",
-	  NULL, true },
-	{ "extent_size_hint", OPT_SIZE,
-	  "Extent size hint for the image file, 0 to disable", NULL, true },
-	{ NULL, 0, NULL, NULL, false }
+	FMT_OPT_FILE
 };
+
+static const struct fmt_map vdi_map;
 
 static int vdi_probe(const uint8_t *buf, size_t len, const char *filename)
 {
@@ -102,32 +98,20 @@ static int vdi_open(struct blk *bs, struct err *e)
 	uint8_t h[VDI_HDR_LEN];
 	uint32_t v, bsize, ssize;
 	uint64_t bmap_len, room;
-	int64_t fsize = bfile_size(bs->file);
+	/* A short file reads as zero-padded, as qemu reads it. */
+	int64_t fsize = fmt_read_header(bs, h, sizeof(h), "VDI header", e);
 	int ret;
 
-	if (fsize < 0) {
-		err_set(e, "Could not get the size of '%s': %s", bs->filename,
-			strerror((int)-fsize));
+	if (fsize < 0)
 		return (int)fsize;
-	}
-	/* A short file reads as zero-padded, as qemu reads it. */
-	ret = bfile_pread(bs->file, 0, h, sizeof(h));
-	if (ret < 0) {
-		err_set(e, "Could not read VDI header: %s", strerror(-ret));
-		return ret;
-	}
 	v = ld_le32(h + VDI_SIGNATURE);
-	if (v != VDI_MAGIC) {
-		err_set(e, "Image not in VDI format (bad signature %08" PRIx32
-			")", v);
-		return -EINVAL;
-	}
+	if (v != VDI_MAGIC)
+		return fmt_err(e, -EINVAL, "Image not in VDI format (bad "
+			       "signature %08" PRIx32 ")", v);
 	v = ld_le32(h + VDI_VERSION);
-	if (v != VDI_VERSION_1_1) {
-		err_set(e, "unsupported VDI image (version %" PRIu32 ".%"
-			PRIu32 ")", v >> 16, v & 0xffff);
-		return -ENOTSUP;
-	}
+	if (v != VDI_VERSION_1_1)
+		return fmt_err(e, -ENOTSUP, "unsupported VDI image (version "
+			       "%" PRIu32 ".%" PRIu32 ")", v >> 16, v & 0xffff);
 	s->bmap_off = ld_le32(h + VDI_OFFSET_BMAP);
 	s->data_off = ld_le32(h + VDI_OFFSET_DATA);
 	ssize = ld_le32(h + VDI_SECTOR_SIZE);
@@ -135,74 +119,57 @@ static int vdi_open(struct blk *bs, struct err *e)
 	s->disk_size = ld_le64(h + VDI_DISK_SIZE);
 	s->blocks = ld_le32(h + VDI_BLOCKS);
 	s->allocated = ld_le32(h + VDI_BLOCKS_ALLOCATED);
-	if (s->bmap_off % 512) {
-		err_set(e, "unsupported VDI image (unaligned block map offset "
-			"0x%" PRIx32 ")", s->bmap_off);
-		return -ENOTSUP;
-	}
-	if (s->data_off % 512) {
-		err_set(e, "unsupported VDI image (unaligned data offset 0x%"
-			PRIx32 ")", s->data_off);
-		return -ENOTSUP;
-	}
-	if (ssize != 512) {
-		err_set(e, "unsupported VDI image (sector size %" PRIu32
-			" is not 512)", ssize);
-		return -ENOTSUP;
-	}
-	if (bsize != VDI_BLOCK) {
-		err_set(e, "unsupported VDI image (block size %" PRIu32
-			" is not %u)", bsize, VDI_BLOCK);
-		return -ENOTSUP;
-	}
+	if (s->bmap_off % 512)
+		return fmt_err(e, -ENOTSUP, "unsupported VDI image (unaligned "
+			       "block map offset 0x%" PRIx32 ")", s->bmap_off);
+	if (s->data_off % 512)
+		return fmt_err(e, -ENOTSUP, "unsupported VDI image (unaligned "
+			       "data offset 0x%" PRIx32 ")", s->data_off);
+	if (ssize != 512)
+		return fmt_err(e, -ENOTSUP, "unsupported VDI image (sector "
+			       "size %" PRIu32 " is not 512)", ssize);
+	if (bsize != VDI_BLOCK)
+		return fmt_err(e, -ENOTSUP, "unsupported VDI image (block "
+			       "size %" PRIu32 " is not %u)", bsize, VDI_BLOCK);
 	/* Sizes that are not whole sectors (VirtualBox makes them) are
 	 * rounded up, as qemu does; the room check below catches a wrap. */
 	if (s->disk_size % 512 && s->disk_size < UINT64_MAX - 511)
 		s->disk_size = ALIGN_UP(s->disk_size, 512);
 	room = (uint64_t)s->blocks * VDI_BLOCK;
-	if (s->disk_size > room) {
-		err_set(e, "unsupported VDI image (disk size %" PRIu64
-			", image bitmap has room for %" PRIu64 ")",
-			s->disk_size, room);
-		return -ENOTSUP;
-	}
-	if (s->blocks > VDI_MAX_BLOCKS) {
-		err_set(e, "unsupported VDI image (too many blocks %" PRIu32
-			", max is %u)", s->blocks, VDI_MAX_BLOCKS);
-		return -ENOTSUP;
-	}
-	if (!uuid_is_null(h + VDI_UUID_LINK)) {
-		err_set(e, "unsupported VDI image (non-NULL link UUID)");
-		return -ENOTSUP;
-	}
-	if (!uuid_is_null(h + VDI_UUID_PARENT)) {
-		err_set(e, "unsupported VDI image (non-NULL parent UUID)");
-		return -ENOTSUP;
-	}
+	if (s->disk_size > room)
+		return fmt_err(e, -ENOTSUP, "unsupported VDI image (disk size "
+			       "%" PRIu64 ", image bitmap has room for %" PRIu64
+			       ")", s->disk_size, room);
+	if (s->blocks > VDI_MAX_BLOCKS)
+		return fmt_err(e, -ENOTSUP, "unsupported VDI image (too many "
+			       "blocks %" PRIu32 ", max is %u)", s->blocks,
+			       VDI_MAX_BLOCKS);
+	if (!uuid_is_null(h + VDI_UUID_LINK))
+		return fmt_err(e, -ENOTSUP, "unsupported VDI image (non-NULL "
+			       "link UUID)");
+	if (!uuid_is_null(h + VDI_UUID_PARENT))
+		return fmt_err(e, -ENOTSUP, "unsupported VDI image (non-NULL "
+			       "parent UUID)");
 	/* Our own limits: the map is read whole, so it must fit the memory
 	 * cap and lie inside the file (every writer places it there). */
 	bmap_len = (uint64_t)s->blocks * 4;
-	if (bmap_len > VDI_MAX_BMAP) {
-		err_set(e, "unsupported VDI image (block map of %" PRIu64
-			" bytes is too large)", bmap_len);
-		return -EFBIG;
-	}
-	if ((uint64_t)s->bmap_off + bmap_len > (uint64_t)fsize) {
-		err_set(e, "VDI block map is beyond the end of the file");
-		return -EINVAL;
-	}
+	if (bmap_len > VDI_MAX_BMAP)
+		return fmt_err(e, -EFBIG, "unsupported VDI image (block map of "
+			       "%" PRIu64 " bytes is too large)", bmap_len);
+	if ((uint64_t)s->bmap_off + bmap_len > (uint64_t)fsize)
+		return fmt_err(e, -EINVAL, "VDI block map is beyond the end "
+			       "of the file");
 	s->bmap = malloc(bmap_len ? bmap_len : 1);
-	if (!s->bmap) {
-		err_set(e, "Could not allocate the VDI block map");
-		return -ENOMEM;
-	}
+	if (!s->bmap)
+		return fmt_err(e, -ENOMEM, "Could not allocate the VDI block "
+			       "map");
 	ret = bfile_pread(bs->file, s->bmap_off, s->bmap, bmap_len);
 	if (ret < 0) {
-		err_set(e, "Could not read VDI block map: %s", strerror(-ret));
 		/* close is not called after a failed open */
 		free(s->bmap);
 		s->bmap = NULL;
-		return ret;
+		return fmt_err(e, ret, "Could not read VDI block map: %s",
+			       strerror(-ret));
 	}
 	for (uint32_t i = 0; i < s->blocks; i++)
 		s->bmap[i] = ld_le32(&s->bmap[i]);
@@ -215,6 +182,7 @@ static int vdi_open(struct blk *bs, struct err *e)
 			      s->bmap_off < d1);
 	}
 	bs->size = s->disk_size;
+	s->map = &vdi_map;
 	return 0;
 }
 
@@ -232,39 +200,42 @@ static uint64_t vdi_host(const struct vdi_state *s, uint32_t entry)
 	return s->data_off + (uint64_t)entry * VDI_BLOCK;
 }
 
-static int vdi_pread(struct blk *bs, uint64_t off, void *buf, size_t len)
+/* One block at a time: free blocks read as zeroes, and the holes of a
+ * (sparse) static image too. */
+static int vdi_lookup(struct blk *bs, uint64_t off, uint64_t len,
+		      enum fmt_op op, struct fmt_run *r)
 {
 	struct vdi_state *s = bs->opaque;
-	uint8_t *p = buf;
+	uint64_t idx = off / VDI_BLOCK, in = off % VDI_BLOCK;
+	uint32_t entry = idx < s->blocks ? s->bmap[idx] : VDI_UNALLOCATED;
 
-	while (len) {
-		uint64_t idx = off / VDI_BLOCK, in = off % VDI_BLOCK;
-		size_t n = (size_t)MIN((uint64_t)len, VDI_BLOCK - in);
-		uint32_t entry = idx < s->blocks ? s->bmap[idx]
-						  : VDI_UNALLOCATED;
-		int ret = 0;
-
-		if (entry >= VDI_FIRST_FREE)
-			memset(p, 0, n);
-		else
-			ret = bfile_pread(bs->file, vdi_host(s, entry) + in, p,
-					  n);
-		if (ret < 0)
-			return ret;
-		p += n;
-		off += n;
-		len -= n;
+	if (op == FMT_WRITE) {
+		if (s->overlap) {
+			snprintf(bs->errmsg, sizeof(bs->errmsg), "VDI data "
+				 "area overlaps the header or the block map");
+			return -EIO;
+		}
+		if (idx >= s->blocks)
+			return -EINVAL;
+		if (entry < VDI_FIRST_FREE && entry >= s->blocks)
+			return -EIO;	/* corrupt map: check reports it */
 	}
+	r->len = MIN(len, VDI_BLOCK - in);
+	r->entry = idx;
+	r->kind = entry >= VDI_FIRST_FREE ? FMT_ZERO : FMT_DATA_FILE;
+	r->host = vdi_host(s, entry) + in;
 	return 0;
 }
 
 /* Give block idx a data block at the end of the data area: the whole
  * block is written (zeroes around the new data) before the map entry and
  * the header's allocation count point at it. */
-static int vdi_allocate(struct blk *bs, uint64_t idx, uint64_t in,
-			const void *data, size_t n)
+static int vdi_allocate(struct blk *bs, uint64_t off, const uint8_t *data,
+			struct fmt_run *r)
 {
 	struct vdi_state *s = bs->opaque;
+	uint64_t idx = r->entry, in = off % VDI_BLOCK;
+	size_t n = (size_t)r->len;
 	uint8_t le[4], *blk;
 	uint32_t entry = s->allocated;
 	int ret;
@@ -295,70 +266,10 @@ static int vdi_allocate(struct blk *bs, uint64_t idx, uint64_t in,
 	return bfile_pwrite(bs->file, VDI_BLOCKS_ALLOCATED, le, 4);
 }
 
-static int vdi_pwrite(struct blk *bs, uint64_t off, const void *buf,
-		      size_t len)
-{
-	struct vdi_state *s = bs->opaque;
-	const uint8_t *p = buf;
-
-	if (s->overlap) {
-		snprintf(bs->errmsg, sizeof(bs->errmsg), "VDI data area "
-			 "overlaps the header or the block map");
-		return -EIO;
-	}
-	while (len) {
-		uint64_t idx = off / VDI_BLOCK, in = off % VDI_BLOCK;
-		size_t n = (size_t)MIN((uint64_t)len, VDI_BLOCK - in);
-		uint32_t entry;
-		int ret;
-
-		if (idx >= s->blocks)
-			return -EINVAL;
-		entry = s->bmap[idx];
-		if (entry >= VDI_FIRST_FREE)
-			ret = vdi_allocate(bs, idx, in, p, n);
-		else if (entry >= s->blocks)
-			ret = -EIO;	/* corrupt map: check reports it */
-		else
-			ret = bfile_pwrite(bs->file, vdi_host(s, entry) + in,
-					   p, n);
-		if (ret < 0)
-			return ret;
-		p += n;
-		off += n;
-		len -= n;
-	}
-	return 0;
-}
-
-static int vdi_block_status(struct blk *bs, uint64_t off, uint64_t len,
-			    uint64_t *pnum, uint64_t *map,
-			    struct bfile **mfile)
-{
-	struct vdi_state *s = bs->opaque;
-	uint64_t idx = off / VDI_BLOCK, in = off % VDI_BLOCK, fnum;
-	uint32_t entry = idx < s->blocks ? s->bmap[idx] : VDI_UNALLOCATED;
-	int st;
-
-	*pnum = MIN(len, VDI_BLOCK - in);
-	if (entry >= VDI_FIRST_FREE)
-		return BLK_STAT_ZERO | BLK_STAT_ALLOCATED;
-	*map = vdi_host(s, entry) + in;
-	*mfile = bs->file;
-	/* Holes in the file (a static image is sparse) read as zeroes. */
-	st = bfile_block_status(bs->file, *map, *pnum, &fnum);
-	if (st < 0)
-		return st;
-	if (fnum && fnum < *pnum)
-		*pnum = fnum;
-	return BLK_STAT_DATA | BLK_STAT_ALLOCATED | BLK_STAT_OFFSET |
-	       (st & BLK_STAT_ZERO);
-}
-
-static int vdi_flush(struct blk *bs)
-{
-	return bfile_flush(bs->file);
-}
+static const struct fmt_map vdi_map = {
+	.lookup = vdi_lookup,
+	.alloc_write = vdi_allocate,
+};
 
 static int vdi_get_info(struct blk *bs, struct blk_info *bi)
 {
@@ -419,34 +330,27 @@ static int vdi_create(const char *filename, const struct optlist *opts,
 {
 	uint64_t size = 0, blocks, bmap_len, data_off, off;
 	bool is_static = false;
-	const char *p = optlist_get(opts, "preallocation");
 	uint8_t h[VDI_HDR_LEN], *buf = NULL;
 	struct bfile *f;
-	int prealloc = PREALLOC_OFF, ret;
+	int prealloc, ret;
 	size_t chunk = 64 << 10;
 
 	if (optlist_get_size(opts, "size", &size, e) < 0 ||
 	    optlist_get_bool(opts, "static", &is_static, e) < 0)
 		return -EINVAL;
-	if (p && blk_parse_prealloc(p, &prealloc) < 0) {
-		err_set(e, "invalid parameter value: %s", p);
-		return -EINVAL;
-	}
-	if (optlist_get(opts, "backing_file")) {
-		err_set(e, "Backing file not supported for file format 'vdi'");
-		return -ENOTSUP;
-	}
+	ret = fmt_opt_prealloc(opts, &prealloc, e);
+	if (ret == 0)
+		ret = fmt_no_backing(opts, "vdi", e);
 	/* Like QEMU, the file exists (empty) when the size is refused. */
-	ret = bfile_open(&f, filename, BFILE_CREATE | BFILE_RDWR,
-			 CACHE_WRITEBACK, e);
+	if (ret == 0)
+		ret = fmt_create_file(&f, filename, e);
 	if (ret < 0)
 		return ret;
 	size = ALIGN_UP(MIN(size, (uint64_t)INT64_MAX), 512);
 	if (size > (uint64_t)VDI_MAX_BLOCKS * VDI_BLOCK) {
-		err_set(e, "Unsupported VDI image size (size is 0x%" PRIx64
-			", max supported is 0x%" PRIx64 ")", size,
-			(uint64_t)VDI_MAX_BLOCKS * VDI_BLOCK);
-		ret = -ENOTSUP;
+		ret = fmt_err(e, -ENOTSUP, "Unsupported VDI image size (size "
+			      "is 0x%" PRIx64 ", max supported is 0x%" PRIx64
+			      ")", size, (uint64_t)VDI_MAX_BLOCKS * VDI_BLOCK);
 		goto out;
 	}
 	blocks = DIV_ROUND_UP(size, VDI_BLOCK);
@@ -480,7 +384,7 @@ static int vdi_create(const char *filename, const struct optlist *opts,
 
 	ret = bfile_pwrite(f, 0, h, sizeof(h));
 	if (ret < 0)
-		goto werr;
+		goto out;
 	buf = malloc(chunk);
 	if (!buf) {
 		ret = -ENOMEM;
@@ -501,42 +405,22 @@ static int vdi_create(const char *filename, const struct optlist *opts,
 		}
 		ret = bfile_pwrite(f, 512 + off, buf, n);
 		if (ret < 0)
-			goto werr;
-	}
-	if (is_static) {
-		/* QEMU leaves the data area sparse whatever the
-		 * preallocation mode (it only applies to the empty file). */
-		ret = bfile_truncate(f, data_off + blocks * VDI_BLOCK,
-				     PREALLOC_OFF, e);
-		if (ret < 0)
 			goto out;
 	}
-	ret = bfile_flush(f);
-	if (ret < 0)
-		goto werr;
-	goto out;
-werr:
-	err_set(e, "Could not write to the new file: %s", strerror(-ret));
+	/* QEMU leaves the data area of a static image sparse whatever
+	 * the preallocation mode (it only applies to the empty file). */
+	if (is_static)
+		ret = bfile_truncate(f, data_off + blocks * VDI_BLOCK,
+				     PREALLOC_OFF, e);
 out:
 	free(buf);
-	bfile_close(f);
-	return ret;
+	return fmt_create_end(f, ret, "Could not write to the new file", e);
 }
 
 const struct blk_driver vdi_driver = {
-	.name = "vdi",
+	FMT_DRIVER(vdi, struct vdi_state),
 	.caps = BLK_CAP_CREATE | BLK_CAP_WRITE | BLK_CAP_ZERO_INIT |
 		BLK_CAP_CHECK,
-	.state_size = sizeof(struct vdi_state),
-	.create_opts = vdi_create_opts,
-	.probe = vdi_probe,
-	.open = vdi_open,
-	.close = vdi_close,
-	.pread = vdi_pread,
-	.pwrite = vdi_pwrite,
-	.block_status = vdi_block_status,
-	.flush = vdi_flush,
-	.create = vdi_create,
-	.get_info = vdi_get_info,
+	FMT_MAPPED_IO,
 	.check = vdi_check,
 };

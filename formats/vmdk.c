@@ -23,7 +23,7 @@
 #include <unistd.h>
 #include <sys/random.h>
 #include <zlib.h>
-#include "blk_driver.h"
+#include "fmt.h"
 
 extern const struct blk_driver vmdk_driver;
 
@@ -1408,13 +1408,11 @@ static int vmdk_check(struct blk *bs, struct check_result *res, int fix)
 /* ---- create ---- */
 
 static const struct optdesc vmdk_create_opts[] = {
-	{ "size", OPT_SIZE, "Virtual disk size", NULL, false },
+	FMT_OPT_SIZE,
 	{ "adapter_type", OPT_STRING, "Virtual adapter type, can be one of "
 	  "ide (default), lsilogic, buslogic or legacyESX", NULL, false },
-	{ "backing_file", OPT_STRING, "File name of a base image", NULL,
-	  false },
-	{ "backing_fmt", OPT_STRING, "Must be 'vmdk' if present", NULL,
-	  false },
+	FMT_OPT_BACKING_FILE,
+	FMT_OPT_BACKING_FMT("Must be 'vmdk' if present"),
 	{ "compat6", OPT_BOOL, "VMDK version 6 image", "off", false },
 	{ "hwversion", OPT_STRING, "VMDK hardware version", "undefined",
 	  false },
@@ -1426,15 +1424,7 @@ static const struct optdesc vmdk_create_opts[] = {
 	  NULL, false },
 	{ "zeroed_grain", OPT_BOOL, "Enable efficient zero writes using the "
 	  "zeroed-grain GTE feature", NULL, false },
-	/* file protocol options, listed with a filename */
-	{ "preallocation", OPT_STRING,
-	  "Preallocation mode (allowed values: off, falloc, full)", NULL,
-	  true },
-	{ "nocow", OPT_BOOL, "Turn off copy-on-write (valid only on btrfs)",
-	  NULL, true },
-	{ "extent_size_hint", OPT_SIZE,
-	  "Extent size hint for the image file, 0 to disable", NULL, true },
-	{ NULL, 0, NULL, NULL, false }
+	FMT_OPT_FILE
 };
 
 enum { SUB_SPARSE, SUB_FLAT, SUB_2G_SPARSE, SUB_2G_FLAT, SUB_STREAM };
@@ -1783,22 +1773,15 @@ out:
 }
 
 const struct blk_driver vmdk_driver = {
-	.name = "vmdk",
+	FMT_DRIVER(vmdk, struct vmdk_state),
 	.caps = BLK_CAP_CREATE | BLK_CAP_WRITE | BLK_CAP_BACKING |
 		BLK_CAP_COMPRESS | BLK_CAP_ZERO_INIT | BLK_CAP_CHECK,
-	.state_size = sizeof(struct vmdk_state),
-	.create_opts = vmdk_create_opts,
-	.probe = vmdk_probe,
-	.open = vmdk_open,
-	.close = vmdk_close,
 	.pread = vmdk_pread,
 	.pwrite = vmdk_pwrite,
 	.pwrite_zeroes = vmdk_pwrite_zeroes,
 	.block_status = vmdk_block_status,
 	.write_compressed = vmdk_write_compressed,
 	.flush = vmdk_flush,
-	.create = vmdk_create,
-	.get_info = vmdk_get_info,
 	.allocated_size = vmdk_allocated_size,
 	.check = vmdk_check,
 };

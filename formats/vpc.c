@@ -18,7 +18,7 @@
 #include <string.h>
 #include <time.h>
 #include <sys/random.h>
-#include "blk_driver.h"
+#include "fmt.h"
 
 /* Footer (VHD specification, "Hard Disk Footer Format"), big-endian. */
 #define FT_COOKIE		0	/* "conectix" */
@@ -68,6 +68,7 @@
 #define VHD_EPOCH		946684800
 
 struct vpc_state {
+	const struct fmt_map *map;	/* first: fmt_map_* find it here */
 	uint8_t footer[FT_LEN];		/* moved as blocks grow */
 	bool fixed;
 	uint32_t block_size, bitmap_size, entries;
@@ -78,21 +79,16 @@ struct vpc_state {
 };
 
 static const struct optdesc vpc_create_opts[] = {
-	{ "size", OPT_SIZE, "Virtual disk size", NULL, false },
+	FMT_OPT_SIZE,
 	{ "subformat", OPT_STRING, "Type of virtual hard disk format. "
 	  "Supported formats are {dynamic (default) | fixed} ", NULL, false },
 	{ "force_size", OPT_BOOL, "Force disk size calculation to use the "
 	  "actual size specified, rather than using the nearest CHS-based "
 	  "calculation", NULL, false },
-	{ "preallocation", OPT_STRING,
-	  "Preallocation mode (allowed values: off, falloc, full)", NULL,
-	  true },
-	{ "nocow", OPT_BOOL, "Turn off copy-on-write (valid only on btrfs)",
-	  NULL, true },
-	{ "extent_size_hint", OPT_SIZE,
-	  "Extent size hint for the image file, 0 to disable", NULL, true },
-	{ NULL, 0, NULL, NULL, false }
+	FMT_OPT_FILE
 };
+
+static const struct fmt_map vpc_map;
 
 /* Only images with the footer copy at the start can be recognised from
  * the first sector; a fixed disk looks like raw data there. */
@@ -251,45 +247,34 @@ fail:
 static int vpc_open(struct blk *bs, struct err *e)
 {
 	struct vpc_state *s = bs->opaque;
-	int64_t fsize = bfile_size(bs->file);
+	int64_t fsize = fmt_read_header(bs, s->footer, FT_LEN, "VHD footer",
+					e);
 	uint64_t sectors;
 	int ret;
 
-	if (fsize < 0) {
-		err_set(e, "Could not get the size of '%s': %s", bs->filename,
-			strerror((int)-fsize));
+	if (fsize < 0)
 		return (int)fsize;
-	}
-	ret = bfile_pread(bs->file, 0, s->footer, FT_LEN);
-	if (ret < 0)
-		goto rerr;
 	if (memcmp(s->footer + FT_COOKIE, "conectix", 8)) {
 		/* A fixed disk has its footer only at the end. */
-		if (fsize < FT_LEN) {
-			err_set(e, "File too small for a VHD header");
-			return -EINVAL;
-		}
+		if (fsize < FT_LEN)
+			return fmt_err(e, -EINVAL, "File too small for a VHD "
+				       "header");
 		ret = bfile_pread(bs->file, (uint64_t)fsize - FT_LEN,
 				  s->footer, FT_LEN);
 		if (ret < 0)
-			goto rerr;
+			return fmt_err(e, ret, "Could not read VHD footer: %s",
+				       strerror(-ret));
 		if (memcmp(s->footer + FT_COOKIE, "conectix", 8) ||
-		    ld_be32(s->footer + FT_TYPE) != VHD_FIXED) {
-			err_set(e, "invalid VPC image");
-			return -EINVAL;
-		}
+		    ld_be32(s->footer + FT_TYPE) != VHD_FIXED)
+			return fmt_err(e, -EINVAL, "invalid VPC image");
 	}
 	if (ld_be32(s->footer + FT_CHECKSUM) !=
-	    vpc_checksum(s->footer, FT_LEN, FT_CHECKSUM)) {
-		err_set(e, "Incorrect header checksum");
-		return -EINVAL;
-	}
+	    vpc_checksum(s->footer, FT_LEN, FT_CHECKSUM))
+		return fmt_err(e, -EINVAL, "Incorrect header checksum");
 	sectors = vpc_sectors(s->footer);
-	if (sectors > VHD_MAX_SECTORS) {
-		err_set(e, "Could not open '%s': %s", bs->filename,
-			strerror(EFBIG));
-		return -EFBIG;
-	}
+	if (sectors > VHD_MAX_SECTORS)
+		return fmt_err(e, -EFBIG, "Could not open '%s': %s",
+			       bs->filename, strerror(EFBIG));
 	s->fixed = ld_be32(s->footer + FT_TYPE) == VHD_FIXED;
 	if (!s->fixed) {
 		ret = vpc_open_dynamic(bs, sectors, (uint64_t)fsize, e);
@@ -297,10 +282,8 @@ static int vpc_open(struct blk *bs, struct err *e)
 			return ret;
 	}
 	bs->size = sectors * 512;
+	s->map = &vpc_map;
 	return 0;
-rerr:
-	err_set(e, "Could not read VHD footer: %s", strerror(-ret));
-	return ret;
 }
 
 static void vpc_close(struct blk *bs)
@@ -311,52 +294,47 @@ static void vpc_close(struct blk *bs)
 	s->bat = NULL;
 }
 
-/* Host offset of guest offset off in *host; false when its block is not
- * allocated. *n is cut to the end of the block. */
-static bool vpc_lookup(const struct vpc_state *s, uint64_t off,
-		       uint64_t *n, uint64_t *host)
-{
-	uint64_t idx = off / s->block_size, in = off % s->block_size;
-	uint32_t entry = idx < s->entries ? s->bat[idx] : VHD_UNALLOCATED;
-
-	*n = MIN(*n, s->block_size - in);
-	if (entry == VHD_UNALLOCATED)
-		return false;
-	*host = (uint64_t)entry * 512 + s->bitmap_size + in;
-	return true;
-}
-
-static int vpc_pread(struct blk *bs, uint64_t off, void *buf, size_t len)
+/* A fixed disk is the file, its holes read as zeroes; a dynamic disk
+ * goes a block at a time and its blocks are data without asking the
+ * file, as qemu reports them. */
+static int vpc_lookup(struct blk *bs, uint64_t off, uint64_t len,
+		      enum fmt_op op, struct fmt_run *r)
 {
 	struct vpc_state *s = bs->opaque;
-	uint8_t *p = buf;
+	uint64_t idx, in;
+	uint32_t entry;
 
+	r->len = len;
+	r->kind = FMT_DATA_FILE;
+	r->host = off;
 	if (s->fixed)
-		return bfile_pread(bs->file, off, buf, len);
-	while (len) {
-		uint64_t n = len, host;
-		int ret = 0;
-
-		if (vpc_lookup(s, off, &n, &host))
-			ret = bfile_pread(bs->file, host, p, (size_t)n);
-		else
-			memset(p, 0, (size_t)n);
-		if (ret < 0)
-			return ret;
-		p += n;
-		off += n;
-		len -= (size_t)n;
+		return 0;
+	if (op == FMT_WRITE && s->overlap) {
+		snprintf(bs->errmsg, sizeof(bs->errmsg), "VHD blocks or "
+			 "block allocation table overlap the headers");
+		return -EIO;
 	}
+	idx = off / s->block_size;
+	in = off % s->block_size;
+	entry = idx < s->entries ? s->bat[idx] : VHD_UNALLOCATED;
+	if (op == FMT_WRITE && idx >= s->entries)
+		return -EINVAL;
+	r->len = MIN(len, s->block_size - in);
+	r->entry = idx;
+	r->kind = entry == VHD_UNALLOCATED ? FMT_ZERO : FMT_DATA;
+	r->host = (uint64_t)entry * 512 + s->bitmap_size + in;
 	return 0;
 }
 
 /* Give block idx space at the end of the file: its sector bitmap (all
  * sectors present, as qemu writes it), then the footer moved past the new
- * block, then the BAT entry. The data is written by the caller. */
-static int vpc_allocate(struct blk *bs, uint64_t idx)
+ * block, then the BAT entry; then the data of the run. */
+static int vpc_allocate(struct blk *bs, uint64_t off, const uint8_t *buf,
+			struct fmt_run *r)
 {
 	struct vpc_state *s = bs->opaque;
 	uint64_t at = s->free_off, end = at + s->bitmap_size + s->block_size;
+	uint64_t idx = r->entry;
 	uint8_t be[4], *bm;
 	int ret;
 
@@ -381,80 +359,14 @@ static int vpc_allocate(struct blk *bs, uint64_t idx)
 		return ret;
 	s->bat[idx] = (uint32_t)(at / 512);
 	s->free_off = end;
-	return 0;
+	return bfile_pwrite(bs->file, at + s->bitmap_size +
+			    off % s->block_size, buf, (size_t)r->len);
 }
 
-static int vpc_pwrite(struct blk *bs, uint64_t off, const void *buf,
-		      size_t len)
-{
-	struct vpc_state *s = bs->opaque;
-	const uint8_t *p = buf;
-
-	if (s->fixed)
-		return bfile_pwrite(bs->file, off, buf, len);
-	if (s->overlap) {
-		snprintf(bs->errmsg, sizeof(bs->errmsg), "VHD blocks or "
-			 "block allocation table overlap the headers");
-		return -EIO;
-	}
-	while (len) {
-		uint64_t n = len, host;
-		int ret;
-
-		if (!vpc_lookup(s, off, &n, &host)) {
-			uint64_t idx = off / s->block_size;
-
-			if (idx >= s->entries)
-				return -EINVAL;
-			ret = vpc_allocate(bs, idx);
-			if (ret < 0)
-				return ret;
-			n = len;
-			vpc_lookup(s, off, &n, &host);
-		}
-		ret = bfile_pwrite(bs->file, host, p, (size_t)n);
-		if (ret < 0)
-			return ret;
-		p += n;
-		off += n;
-		len -= (size_t)n;
-	}
-	return 0;
-}
-
-static int vpc_block_status(struct blk *bs, uint64_t off, uint64_t len,
-			    uint64_t *pnum, uint64_t *map,
-			    struct bfile **mfile)
-{
-	struct vpc_state *s = bs->opaque;
-	uint64_t host = off, fnum;
-	int st;
-
-	*pnum = len;
-	if (!s->fixed) {
-		/* Like qemu, blocks are data without asking the file. */
-		if (!vpc_lookup(s, off, pnum, &host))
-			return BLK_STAT_ZERO | BLK_STAT_ALLOCATED;
-		*map = host;
-		*mfile = bs->file;
-		return BLK_STAT_DATA | BLK_STAT_ALLOCATED | BLK_STAT_OFFSET;
-	}
-	*map = host;
-	*mfile = bs->file;
-	/* A fixed disk is the file: its holes read as zeroes. */
-	st = bfile_block_status(bs->file, host, *pnum, &fnum);
-	if (st < 0)
-		return st;
-	if (fnum && fnum < *pnum)
-		*pnum = fnum;
-	return BLK_STAT_DATA | BLK_STAT_ALLOCATED | BLK_STAT_OFFSET |
-	       (st & BLK_STAT_ZERO);
-}
-
-static int vpc_flush(struct blk *bs)
-{
-	return bfile_flush(bs->file);
-}
+static const struct fmt_map vpc_map = {
+	.lookup = vpc_lookup,
+	.alloc_write = vpc_allocate,
+};
 
 static int vpc_get_info(struct blk *bs, struct blk_info *bi)
 {
@@ -505,33 +417,25 @@ static int vpc_create(const char *filename, const struct optlist *opts,
 	bool force = false, fixed = false;
 	uint8_t ft[FT_LEN], dh[DH_LEN], *bat = NULL;
 	struct bfile *f;
-	int ret;
+	int prealloc, ret;
 
 	if (optlist_get_size(opts, "size", &size, e) < 0 ||
 	    optlist_get_bool(opts, "force_size", &force, e) < 0)
 		return -EINVAL;
-	if (optlist_get(opts, "backing_file")) {
-		err_set(e, "Backing file not supported for file format 'vpc'");
-		return -ENOTSUP;
-	}
 	/* The mode is the protocol's, checked before the file exists, and
 	 * like QEMU we create the file without preallocating. */
-	if (optlist_get(opts, "preallocation") &&
-	    blk_parse_prealloc(optlist_get(opts, "preallocation"), &ret) < 0) {
-		err_set(e, "invalid parameter value: %s",
-			optlist_get(opts, "preallocation"));
-		return -EINVAL;
-	}
-	ret = bfile_open(&f, filename, BFILE_CREATE | BFILE_RDWR,
-			 CACHE_WRITEBACK, e);
+	ret = fmt_no_backing(opts, "vpc", e);
+	if (ret == 0)
+		ret = fmt_opt_prealloc(opts, &prealloc, e);
+	if (ret == 0)
+		ret = fmt_create_file(&f, filename, e);
 	if (ret < 0)
 		return ret;
 	if (sub && !strcmp(sub, "fixed")) {
 		fixed = true;
 	} else if (sub && strcmp(sub, "dynamic")) {
-		err_set(e, "Parameter 'subformat' does not accept value '%s'",
-			sub);
-		ret = -EINVAL;
+		ret = fmt_err(e, -EINVAL, "Parameter 'subformat' does not "
+			      "accept value '%s'", sub);
 		goto out;
 	}
 	sectors = DIV_ROUND_UP(MIN(size, (uint64_t)INT64_MAX), 512);
@@ -551,9 +455,8 @@ static int vpc_create(const char *filename, const struct optlist *opts,
 			sectors = (uint64_t)c * h * spt;
 	}
 	if (sectors > VHD_MAX_SECTORS) {
-		err_set(e, "The image size is too large for file format "
-			"'vpc'");
-		ret = -EFBIG;
+		ret = fmt_err(e, -EFBIG, "The image size is too large for "
+			      "file format 'vpc'");
 		goto out;
 	}
 	dsize = sectors * 512;
@@ -583,9 +486,7 @@ static int vpc_create(const char *filename, const struct optlist *opts,
 		if (ret < 0)
 			goto out;
 		ret = bfile_pwrite(f, dsize, ft, FT_LEN);
-		if (ret < 0)
-			goto werr;
-		goto flush;
+		goto out;
 	}
 	entries = DIV_ROUND_UP(dsize, VHD_BLOCK_DEFAULT);
 	bat_len = ALIGN_UP(entries * 4, 512);
@@ -611,32 +512,13 @@ static int vpc_create(const char *filename, const struct optlist *opts,
 		ret = bfile_pwrite(f, FT_LEN + DH_LEN, bat, bat_len);
 	if (!ret)
 		ret = bfile_pwrite(f, FT_LEN + DH_LEN + bat_len, ft, FT_LEN);
-	if (ret < 0)
-		goto werr;
-flush:
-	ret = bfile_flush(f);
-	if (!ret)
-		goto out;
-werr:
-	err_set(e, "Could not write to the new file: %s", strerror(-ret));
 out:
 	free(bat);
-	bfile_close(f);
-	return ret;
+	return fmt_create_end(f, ret, "Could not write to the new file", e);
 }
 
 const struct blk_driver vpc_driver = {
-	.name = "vpc",
+	FMT_DRIVER(vpc, struct vpc_state),
 	.caps = BLK_CAP_CREATE | BLK_CAP_WRITE | BLK_CAP_ZERO_INIT,
-	.state_size = sizeof(struct vpc_state),
-	.create_opts = vpc_create_opts,
-	.probe = vpc_probe,
-	.open = vpc_open,
-	.close = vpc_close,
-	.pread = vpc_pread,
-	.pwrite = vpc_pwrite,
-	.block_status = vpc_block_status,
-	.flush = vpc_flush,
-	.create = vpc_create,
-	.get_info = vpc_get_info,
+	FMT_MAPPED_IO,
 };

@@ -19,11 +19,11 @@
 #include <string.h>
 #include <sys/random.h>
 #include <time.h>
-#include "blk_driver.h"
+#include "../fmt.h"
 #include "vhdx.h"
 
 static const struct optdesc vhdx_create_opts[] = {
-	{ "size", OPT_SIZE, "Virtual disk size; max of 64TB.", NULL, false },
+	FMT_OPT("size", OPT_SIZE, "Virtual disk size; max of 64TB."),
 	{ "log_size", OPT_SIZE, "Log size; min 1MB.", "1048576", false },
 	{ "block_size", OPT_SIZE, "Block Size; min 1MB, max 256MB. 0 means "
 	  "auto-calculate based on image size.", "0", false },
@@ -33,15 +33,10 @@ static const struct optdesc vhdx_create_opts[] = {
 	  "'ZERO'. Non-standard, but default.  Do not set to 'off' when "
 	  "using '" QEMU_IMG_CMD " convert' with subformat=dynamic.", NULL,
 	  false },
-	{ "preallocation", OPT_STRING,
-	  "Preallocation mode (allowed values: off, falloc, full)", NULL,
-	  true },
-	{ "nocow", OPT_BOOL, "Turn off copy-on-write (valid only on btrfs)",
-	  NULL, true },
-	{ "extent_size_hint", OPT_SIZE,
-	  "Extent size hint for the image file, 0 to disable", NULL, true },
-	{ NULL, 0, NULL, NULL, false }
+	FMT_OPT_FILE
 };
+
+static const struct fmt_map vhdx_map;
 
 /* MS-VHDX 2.2.2 / 2.2.3 GUIDs, in their on-disk byte order. */
 const uint8_t vhdx_guid_bat[16] = {
@@ -475,39 +470,33 @@ int vhdx_update_headers(struct blk *bs, bool clear_log)
 
 static int vhdx_do_open(struct blk *bs, struct err *e)
 {
+	/* in this order: the log is replayed before metadata and BAT are
+	 * read */
+	static int (*const step[])(struct blk *, struct err *) = {
+		vhdx_read_headers, vhdx_read_regions, vhdx_log_open,
+		vhdx_read_metadata, vhdx_read_bat,
+	};
 	struct vhdx *s = bs->opaque;
 	uint8_t sig[8];
-	int64_t fsize = bfile_size(bs->file);
+	int64_t fsize = fmt_file_size(bs, e);
 	int ret;
 
-	if (fsize < 0) {
-		err_set(e, "Could not get the size of '%s': %s", bs->filename,
-			strerror((int)-fsize));
+	if (fsize < 0)
 		return (int)fsize;
-	}
 	s->file_size = (uint64_t)fsize;
 	ret = bfile_pread(bs->file, 0, sig, 8);
 	if (ret < 0)
 		return ret;
 	if (memcmp(sig, "vhdxfile", 8))
 		return vhdx_fail(bs, e, -EINVAL);
-	ret = vhdx_read_headers(bs, e);
-	if (ret < 0)
-		return ret;
-	ret = vhdx_read_regions(bs, e);
-	if (ret < 0)
-		return ret;
-	ret = vhdx_log_open(bs, e);
-	if (ret < 0)
-		return ret;
-	ret = vhdx_read_metadata(bs, e);
-	if (ret < 0)
-		return ret;
-	ret = vhdx_read_bat(bs, e);
-	if (ret < 0)
-		return ret;
+	for (size_t i = 0; i < ARRAY_SIZE(step); i++) {
+		ret = step[i](bs, e);
+		if (ret < 0)
+			return ret;
+	}
 	/* QEMU counts whole 512-byte sectors */
 	bs->size = ALIGN_DOWN(s->disk_size, 512);
+	s->map = &vhdx_map;
 	if (bs->flags & BLK_O_RDWR) {
 		ret = vhdx_update_headers(bs, false);
 		if (ret < 0) {
@@ -527,14 +516,9 @@ static void vhdx_close(struct blk *bs)
 	s->bat = NULL;
 }
 
-/* The block layer does not call close after a failed open. */
 static int vhdx_open(struct blk *bs, struct err *e)
 {
-	int ret = vhdx_do_open(bs, e);
-
-	if (ret < 0)
-		vhdx_close(bs);
-	return ret;
+	return fmt_open(bs, e, vhdx_do_open, vhdx_close);
 }
 
 static uint64_t bat_index(const struct vhdx *s, uint64_t block)
@@ -569,28 +553,22 @@ static int vhdx_block(struct blk *bs, uint64_t block, uint64_t *host)
 	}
 }
 
-static int vhdx_pread(struct blk *bs, uint64_t off, void *buf, size_t len)
+/* One block at a time; blocks that are not present read as zeroes (the
+ * disk has no parent). */
+static int vhdx_lookup(struct blk *bs, uint64_t off, uint64_t len,
+		       enum fmt_op op, struct fmt_run *r)
 {
 	struct vhdx *s = bs->opaque;
-	uint8_t *p = buf;
+	uint64_t block = off / s->block_size, in = off % s->block_size;
+	int ret = vhdx_block(bs, block, &r->host);
 
-	while (len) {
-		uint64_t block = off / s->block_size, in = off % s->block_size;
-		uint64_t n = MIN((uint64_t)len, s->block_size - in), host;
-		int ret = vhdx_block(bs, block, &host);
-
-		if (ret < 0)
-			return ret;
-		if (host)
-			ret = bfile_pread(bs->file, host + in, p, (size_t)n);
-		else
-			memset(p, 0, (size_t)n);
-		if (ret < 0)
-			return ret;
-		off += n;
-		p += n;
-		len -= (size_t)n;
-	}
+	(void)op;
+	if (ret < 0)
+		return ret;
+	r->len = MIN(len, s->block_size - in);
+	r->entry = block;
+	r->kind = r->host ? FMT_DATA : FMT_ZERO;
+	r->host += in;
 	return 0;
 }
 
@@ -623,71 +601,48 @@ static int vhdx_alloc_block(struct blk *bs, uint64_t *host)
 	return bfile_truncate(bs->file, off + s->block_size, PREALLOC_OFF, &e);
 }
 
-static int vhdx_pwrite(struct blk *bs, uint64_t off, const void *buf,
-		       size_t len)
+/* A new block for the run: data before the table entry that points to
+ * it. */
+static int vhdx_alloc_write(struct blk *bs, uint64_t off, const uint8_t *buf,
+			    struct fmt_run *r)
 {
 	struct vhdx *s = bs->opaque;
-	const uint8_t *p = buf;
+	uint64_t host;
+	int ret = vhdx_alloc_block(bs, &host);
 
-	while (len) {
-		uint64_t block = off / s->block_size, in = off % s->block_size;
-		uint64_t n = MIN((uint64_t)len, s->block_size - in), host;
-		int ret = vhdx_block(bs, block, &host);
-
-		if (ret < 0)
-			return ret;
-		if (!host) {
-			ret = vhdx_alloc_block(bs, &host);
-			if (ret < 0)
-				return ret;
-			ret = bfile_pwrite(bs->file, host + in, p, (size_t)n);
-			if (ret < 0)
-				return ret;
-			/* data before the table entry that points to it */
-			ret = bfile_flush(bs->file);
-			if (ret == 0)
-				ret = vhdx_set_bat(bs, block, host |
-						   VHDX_BAT_FULLY_PRESENT);
-		} else {
-			ret = bfile_pwrite(bs->file, host + in, p, (size_t)n);
-		}
-		if (ret < 0)
-			return ret;
-		off += n;
-		p += n;
-		len -= (size_t)n;
-	}
-	return 0;
+	if (ret == 0)
+		ret = bfile_pwrite(bs->file, host + off % s->block_size, buf,
+				   (size_t)r->len);
+	if (ret == 0)
+		ret = bfile_flush(bs->file);
+	if (ret == 0)
+		ret = vhdx_set_bat(bs, r->entry,
+				   host | VHDX_BAT_FULLY_PRESENT);
+	return ret;
 }
+
+static const struct fmt_map vhdx_map = {
+	.lookup = vhdx_lookup,
+	.alloc_write = vhdx_alloc_write,
+};
 
 /* Blocks that are not present already read as zeroes (no parent). */
 static int vhdx_pwrite_zeroes(struct blk *bs, uint64_t off, uint64_t len,
 			      unsigned flags)
 {
-	struct vhdx *s = bs->opaque;
-
 	(void)flags;
 	while (len) {
-		uint64_t block = off / s->block_size, in = off % s->block_size;
-		uint64_t n = MIN(len, s->block_size - in), host;
-		int ret = vhdx_block(bs, block, &host);
+		struct fmt_run r;
+		int ret = vhdx_lookup(bs, off, len, FMT_WRITE, &r);
 
+		if (ret == 0 && r.kind == FMT_DATA)
+			ret = bfile_zero(bs->file, r.host, r.len, false);
 		if (ret < 0)
 			return ret;
-		if (host) {
-			ret = bfile_zero(bs->file, host + in, n, false);
-			if (ret < 0)
-				return ret;
-		}
-		off += n;
-		len -= n;
+		off += r.len;
+		len -= r.len;
 	}
 	return 0;
-}
-
-static int vhdx_flush(struct blk *bs)
-{
-	return bfile_flush(bs->file);
 }
 
 static int vhdx_get_info(struct blk *bs, struct blk_info *bi)
@@ -761,8 +716,7 @@ static int vhdx_create(const char *filename, const struct optlist *opts,
 	int ret;
 
 	/* QEMU creates the file first; refused options leave it empty. */
-	ret = bfile_open(&f, filename, BFILE_CREATE | BFILE_RDWR,
-			 CACHE_WRITEBACK, e);
+	ret = fmt_create_file(&f, filename, e);
 	if (ret < 0)
 		return ret;
 	ret = -EINVAL;
@@ -839,7 +793,7 @@ static int vhdx_create(const char *filename, const struct optlist *opts,
 			st_le16(buf + 8 + 2 * i, (uint16_t)creator[i]);
 		ret = bfile_pwrite(f, 0, buf, 512);
 		if (ret < 0)
-			goto werr;
+			goto out;
 	}
 	/* headers: sequence 0 and 1, no log */
 	for (int i = 0; i < 2; i++) {
@@ -858,7 +812,7 @@ static int vhdx_create(const char *filename, const struct optlist *opts,
 		ret = bfile_pwrite(f, i ? VHDX_HEADER2_OFF : VHDX_HEADER1_OFF,
 				   h, VHDX_HEADER_SIZE);
 		if (ret < 0)
-			goto werr;
+			goto out;
 	}
 	/* region tables (both copies identical) */
 	memset(buf, 0, VHDX_REGION_SIZE);
@@ -877,7 +831,7 @@ static int vhdx_create(const char *filename, const struct optlist *opts,
 	if (ret == 0)
 		ret = bfile_pwrite(f, VHDX_REGION2_OFF, buf, VHDX_REGION_SIZE);
 	if (ret < 0)
-		goto werr;
+		goto out;
 	/* metadata table and items */
 	memset(buf, 0, VHDX_REGION_SIZE);
 	memcpy(buf, "metadata", 8);
@@ -889,7 +843,7 @@ static int vhdx_create(const char *filename, const struct optlist *opts,
 	put_meta_entry(buf, 4, guid_physical_sector, 0x10024, 4, 6);
 	ret = bfile_pwrite(f, meta_off, buf, VHDX_METADATA_TABLE_SIZE);
 	if (ret < 0)
-		goto werr;
+		goto out;
 	memset(buf, 0, 64);
 	st_le32(buf, (uint32_t)block_size);
 	st_le32(buf + 4, 0);		/* leave allocated: 0, no parent */
@@ -899,7 +853,7 @@ static int vhdx_create(const char *filename, const struct optlist *opts,
 	st_le32(buf + 36, 512);
 	ret = bfile_pwrite(f, meta_off + 0x10000, buf, 40);
 	if (ret < 0)
-		goto werr;
+		goto out;
 	/* BAT: fixed images map every block in order */
 	if (fixed && blocks) {
 		uint64_t chunk = VHDX_REGION_SIZE / 8, i = 0, b = 0;
@@ -919,35 +873,19 @@ static int vhdx_create(const char *filename, const struct optlist *opts,
 			ret = bfile_pwrite(f, bat_off + (i - k) * 8, buf,
 					   (size_t)(k * 8));
 			if (ret < 0)
-				goto werr;
+				goto out;
 		}
 	}
-	ret = bfile_flush(f);
-	if (ret < 0)
-		goto werr;
-	goto out;
-werr:
-	err_set(e, "Could not write the image: %s", strerror(-ret));
 out:
 	free(buf);
-	bfile_close(f);
-	return ret;
+	return fmt_create_end(f, ret, "Could not write the image", e);
 }
 
 const struct blk_driver vhdx_driver = {
-	.name = "vhdx",
+	FMT_DRIVER(vhdx, struct vhdx),
 	.caps = BLK_CAP_CREATE | BLK_CAP_WRITE | BLK_CAP_ZERO_INIT |
 		BLK_CAP_CHECK,
-	.state_size = sizeof(struct vhdx),
-	.create_opts = vhdx_create_opts,
-	.probe = vhdx_probe,
-	.open = vhdx_open,
-	.close = vhdx_close,
-	.pread = vhdx_pread,
-	.pwrite = vhdx_pwrite,
+	FMT_MAPPED_RW,
 	.pwrite_zeroes = vhdx_pwrite_zeroes,
-	.flush = vhdx_flush,
-	.create = vhdx_create,
-	.get_info = vhdx_get_info,
 	.check = vhdx_check,
 };

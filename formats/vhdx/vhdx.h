@@ -34,7 +34,10 @@
 #define VHDX_BAT_FULLY_PRESENT		6
 #define VHDX_BAT_PARTIALLY_PRESENT	7
 
+struct fmt_map;
+
 struct vhdx {
+	const struct fmt_map *map;	/* first: fmt_map_* find it here */
 	uint8_t hdr[2][VHDX_HEADER_SIZE];
 	int cur;			/* current header */
 	uint64_t file_size;
