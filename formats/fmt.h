@@ -13,7 +13,7 @@
  * A driver's create_opts array is the Formatting line's order, so each
  * driver lists its own entries between these. The file protocol's
  * options come last and are hidden: -o help lists them only when a file
- * is named, as qemu-img does. */
+ * is named, as QEMU does. */
 #define FMT_OPT(name, type, help) { name, type, help, NULL, false }
 #define FMT_OPT_SIZE FMT_OPT("size", OPT_SIZE, "Virtual disk size")
 #define FMT_OPT_BACKING_FILE \
@@ -56,7 +56,7 @@ int fmt_err(struct err *e, int ret, const char *fmt, ...) PRINTF(3, 4);
 bool fmt_range_ok(uint64_t off, uint64_t len);
 
 /* ---- open ---- */
-/* The size of bs->file, or -errno with qemu-img's message. */
+/* The size of bs->file, or -errno with QEMU's message. */
 int64_t fmt_file_size(struct blk *bs, struct err *e);
 /* The size of bs->file, with its first len bytes in h (a short file
  * reads as zero-padded); on a read error "Could not read WHAT: ...". */
