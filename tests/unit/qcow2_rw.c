@@ -24,20 +24,6 @@ static uint64_t rnd(uint64_t n)
 	return n ? rng % n : 0;
 }
 
-static int sh(const char *fmt, ...) PRINTF(1, 2);
-static int sh(const char *fmt, ...)
-{
-	char cmd[1024];
-	va_list ap;
-	int r;
-
-	va_start(ap, fmt);
-	vsnprintf(cmd, sizeof(cmd), fmt, ap);
-	va_end(ap);
-	r = system(cmd);
-	return r == -1 ? -1 : WEXITSTATUS(r);
-}
-
 static int write_file(const char *name, const void *buf, size_t len)
 {
 	FILE *f = fopen(name, "wb");

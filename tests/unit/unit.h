@@ -6,6 +6,8 @@
 
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <sys/wait.h>
 
 static int pass, fail;
 
@@ -32,6 +34,21 @@ static void unit_check(int ok, const char *file, int line,
 /* CHECK(cond) or CHECK(cond, "format", args...) */
 #define CHECK(cond, ...) \
 	unit_check(!!(cond), __FILE__, __LINE__, #cond, "" __VA_ARGS__)
+
+/* Runs a shell command line; its exit status, -1 if it could not run. */
+static UNUSED int sh(const char *fmt, ...) PRINTF(1, 2);
+static int sh(const char *fmt, ...)
+{
+	char cmd[1024];
+	va_list ap;
+	int r;
+
+	va_start(ap, fmt);
+	vsnprintf(cmd, sizeof(cmd), fmt, ap);
+	va_end(ap);
+	r = system(cmd);
+	return r == -1 ? -1 : WEXITSTATUS(r);
+}
 
 static int unit_done(void)
 {
