@@ -127,19 +127,10 @@ static void run(const char *img)
 
 int main(void)
 {
-	char tmpl[] = "/tmp/qcow2_mt.XXXXXX";
+	int rc = unit_scratch(dir, sizeof(dir), "qcow2_mt");
 
-	if (!mkdtemp(tmpl)) {
-		printf("mkdtemp failed\n0 passed, 1 failed\n");
-		return 1;
-	}
-	snprintf(dir, sizeof(dir), "%s", tmpl);
-	if (chdir(dir) < 0)
-		return 1;
-	if (sh("qemu-img --version >/dev/null 2>&1") != 0) {
-		printf("qemu-img not found: skipped\n0 passed, 0 failed\n");
-		return 0;
-	}
+	if (rc >= 0)
+		return rc;
 	/* real data: binaries, holes and written zeroes */
 	sh("ls /usr/bin/* | head -100 | xargs cat 2>/dev/null | head -c 2M "
 	   "> data; truncate -s 3M src.raw; "

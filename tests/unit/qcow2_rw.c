@@ -243,19 +243,10 @@ int main(void)
 		{ "preallocation=metadata,cluster_size=4k", false, true, 4096,
 		  false },
 	};
-	char tmpl[] = "/tmp/qcow2_rw.XXXXXX";
+	int rc = unit_scratch(dir, sizeof(dir), "qcow2_rw");
 
-	if (!mkdtemp(tmpl)) {
-		printf("mkdtemp failed\n0 passed, 1 failed\n");
-		return 1;
-	}
-	snprintf(dir, sizeof(dir), "%s", tmpl);
-	if (chdir(dir) < 0)
-		return 1;
-	if (sh("qemu-img --version >/dev/null 2>&1") != 0) {
-		printf("qemu-img not found: skipped\n0 passed, 0 failed\n");
-		return 0;
-	}
+	if (rc >= 0)
+		return rc;
 	for (size_t i = 0; i < ARRAY_SIZE(cfgs); i++) {
 		const char *only = getenv("QCOW2_RW_ONLY");
 		int before = fail;
