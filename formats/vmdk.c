@@ -911,55 +911,28 @@ out:
 	return ret;
 }
 
-static int vmdk_pread(struct blk *bs, uint64_t off, void *buf, size_t len)
+/* One grain's part of a read: st is what grain_lookup said of it. */
+static int read_grain(struct blk *bs, struct vmdk_extent *x,
+		      const struct grain_ref *g, int st, uint64_t off,
+		      uint64_t in, uint8_t *p, size_t n)
 {
 	struct vmdk_state *s = bs->opaque;
-	uint8_t *p = buf;
+	int ret;
 
-	while (len) {
-		struct vmdk_extent *x = find_extent(s, off);
-		struct grain_ref g;
-		uint64_t rel, in;
-		size_t n;
-		int st, ret;
-
-		if (!x)
-			return -EIO;
-		rel = off - x->start;
-		n = (size_t)MIN((uint64_t)len, ext_end(x) - off);
-		if (x->flat) {
-			ret = bfile_pread(x->file, x->flat_off + rel, p, n);
-			if (ret < 0)
-				return ret;
-			goto next;
-		}
-		in = rel % x->grain;
-		n = (size_t)MIN((uint64_t)n, x->grain - in);
-		st = grain_lookup(x, rel, &g);
-		if (st < 0)
-			return st;
-		if (st == G_UNALLOC) {
-			ret = read_backing(bs, off, p, n);
-		} else if (st == G_ZERO) {
-			memset(p, 0, n);
-			ret = 0;
-		} else if (x->compressed) {
-			ret = load_zgrain(s, x, g.host);
-			if (!ret && in + n > s->zcache_len)
-				ret = -EINVAL;
-			if (!ret)
-				memcpy(p, s->zcache + in, n);
-		} else {
-			ret = bfile_pread(x->file, g.host + in, p, n);
-		}
-		if (ret < 0)
-			return ret;
-next:
-		p += n;
-		off += n;
-		len -= n;
+	if (st == G_UNALLOC)
+		return read_backing(bs, off, p, n);
+	if (st == G_ZERO) {
+		memset(p, 0, n);
+		return 0;
 	}
-	return 0;
+	if (!x->compressed)
+		return bfile_pread(x->file, g->host + in, p, n);
+	ret = load_zgrain(s, x, g->host);
+	if (!ret && in + n > s->zcache_len)
+		ret = -EINVAL;
+	if (!ret)
+		memcpy(p, s->zcache + in, n);
+	return ret;
 }
 
 static int vmdk_block_status(struct blk *bs, uint64_t off, uint64_t len,
@@ -1154,11 +1127,28 @@ static int alloc_grain(struct blk *bs, struct vmdk_extent *x,
 	return 0;
 }
 
-static int vmdk_pwrite(struct blk *bs, uint64_t off, const void *buf,
-		       size_t len)
+/* One grain's part of a write. */
+static int write_grain(struct blk *bs, struct vmdk_extent *x,
+		       struct grain_ref *g, int st, uint64_t off, uint64_t rel,
+		       uint64_t in, const uint8_t *p, size_t n)
+{
+	if (x->compressed) {
+		/* streamOptimized grains are written once */
+		if (st == G_DATA)
+			return -EIO;
+		return write_zgrain(bs, x, g, rel, p, n);
+	}
+	if (st == G_DATA)
+		return bfile_pwrite(x->file, g->host + in, p, n);
+	return alloc_grain(bs, x, g, st, off, in, p, n);
+}
+
+/* Reads and writes walk the extents and grains alike; a write also
+ * updates the descriptor's CID once. */
+static int vmdk_rw(struct blk *bs, uint64_t off, uint8_t *p, size_t len,
+		   bool write)
 {
 	struct vmdk_state *s = bs->opaque;
-	const uint8_t *p = buf;
 
 	while (len) {
 		struct vmdk_extent *x = find_extent(s, off);
@@ -1172,28 +1162,20 @@ static int vmdk_pwrite(struct blk *bs, uint64_t off, const void *buf,
 		rel = off - x->start;
 		n = (size_t)MIN((uint64_t)len, ext_end(x) - off);
 		if (x->flat) {
-			ret = bfile_pwrite(x->file, x->flat_off + rel, p, n);
-			goto next;
-		}
-		in = rel % x->grain;
-		n = (size_t)MIN((uint64_t)n, x->grain - in);
-		st = grain_lookup(x, rel, &g);
-		if (st < 0)
-			return -EINVAL;
-		if (x->compressed) {
-			/* streamOptimized grains are written once */
-			if (st == G_DATA)
-				return -EIO;
-			ret = write_zgrain(bs, x, &g, rel, p, n);
-		} else if (st == G_DATA) {
-			ret = bfile_pwrite(x->file, g.host + in, p, n);
+			ret = write ? bfile_pwrite(x->file, x->flat_off + rel, p, n)
+				    : bfile_pread(x->file, x->flat_off + rel, p, n);
 		} else {
-			ret = alloc_grain(bs, x, &g, st, off, in, p, n);
+			in = rel % x->grain;
+			n = (size_t)MIN((uint64_t)n, x->grain - in);
+			st = grain_lookup(x, rel, &g);
+			if (st < 0)
+				return write ? -EINVAL : st;
+			ret = write ? write_grain(bs, x, &g, st, off, rel, in, p, n)
+				    : read_grain(bs, x, &g, st, off, in, p, n);
 		}
-next:
 		if (ret < 0)
 			return ret;
-		if (!s->cid_updated) {
+		if (write && !s->cid_updated) {
 			ret = update_cid(bs);
 			if (ret < 0)
 				return ret;
@@ -1203,6 +1185,18 @@ next:
 		len -= n;
 	}
 	return 0;
+}
+
+static int vmdk_pread(struct blk *bs, uint64_t off, void *buf, size_t len)
+{
+	return vmdk_rw(bs, off, buf, len, false);
+}
+
+/* vmdk_rw only reads from p when it writes */
+static int vmdk_pwrite(struct blk *bs, uint64_t off, const void *buf,
+		       size_t len)
+{
+	return vmdk_rw(bs, off, (uint8_t *)buf, len, true);
 }
 
 /* Zeroed-grain entries for whole grains of extents that have the

@@ -33,21 +33,7 @@ const struct optdesc qcow2_amend_opts[] = {
 	  "matching keyslots. Empty string to erase", NULL, false },
 	{ "encrypt.iter-time", OPT_NUMBER, "Time to spend in PBKDF in "
 	  "milliseconds", NULL, false },
-	{ "size", OPT_SIZE, "Virtual disk size", NULL, false },
-	{ "compat", OPT_STRING, "Compatibility level (v2 [0.10] or v3 [1.1])",
-	  NULL, false },
-	{ "backing_file", OPT_STRING, "File name of a base image", NULL,
-	  false },
-	{ "backing_fmt", OPT_STRING, "Image format of the base image", NULL,
-	  false },
-	{ "data_file", OPT_STRING, "File name of an external data file", NULL,
-	  false },
-	{ "data_file_raw", OPT_BOOL, "The external data file must stay valid "
-	  "as a raw image", NULL, false },
-	{ "lazy_refcounts", OPT_BOOL, "Postpone refcount updates", NULL,
-	  false },
-	{ "refcount_bits", OPT_NUMBER, "Width of a reference count entry in "
-	  "bits", NULL, false },
+	QCOW2_OPTS_IMAGE(NULL, NULL),
 	{ NULL, 0, NULL, NULL, false }
 };
 

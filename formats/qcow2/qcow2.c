@@ -45,21 +45,7 @@ static const struct optdesc qcow2_create_opts[] = {
 	  "off, metadata, falloc, full)", NULL, false },
 	{ "compression_type", OPT_STRING, "Compression method used for image "
 	  "cluster compression", "zlib", false },
-	{ "size", OPT_SIZE, "Virtual disk size", NULL, false },
-	{ "compat", OPT_STRING, "Compatibility level (v2 [0.10] or v3 [1.1])",
-	  NULL, false },
-	{ "backing_file", OPT_STRING, "File name of a base image", NULL,
-	  false },
-	{ "backing_fmt", OPT_STRING, "Image format of the base image", NULL,
-	  false },
-	{ "data_file", OPT_STRING, "File name of an external data file", NULL,
-	  false },
-	{ "data_file_raw", OPT_BOOL, "The external data file must stay valid "
-	  "as a raw image", NULL, false },
-	{ "lazy_refcounts", OPT_BOOL, "Postpone refcount updates", "off",
-	  false },
-	{ "refcount_bits", OPT_NUMBER, "Width of a reference count entry in "
-	  "bits", "16", false },
+	QCOW2_OPTS_IMAGE("off", "16"),
 	{ "nocow", OPT_BOOL, "Turn off copy-on-write (valid only on btrfs)",
 	  NULL, true },
 	{ "extent_size_hint", OPT_SIZE, "Extent size hint for the image file, "

@@ -16,6 +16,25 @@
 
 extern const struct blk_driver qcow2_driver;
 
+/* The options from "size" to "refcount_bits" that create and amend both
+ * take, in QEMU's order; create shows defaults for the last two. */
+#define QCOW2_OPTS_IMAGE(lazy_default, refcount_bits_default) \
+	{ "size", OPT_SIZE, "Virtual disk size", NULL, false }, \
+	{ "compat", OPT_STRING, \
+	  "Compatibility level (v2 [0.10] or v3 [1.1])", NULL, false }, \
+	{ "backing_file", OPT_STRING, "File name of a base image", NULL, \
+	  false }, \
+	{ "backing_fmt", OPT_STRING, "Image format of the base image", \
+	  NULL, false }, \
+	{ "data_file", OPT_STRING, "File name of an external data file", \
+	  NULL, false }, \
+	{ "data_file_raw", OPT_BOOL, "The external data file must stay " \
+	  "valid as a raw image", NULL, false }, \
+	{ "lazy_refcounts", OPT_BOOL, "Postpone refcount updates", \
+	  lazy_default, false }, \
+	{ "refcount_bits", OPT_NUMBER, "Width of a reference count entry " \
+	  "in bits", refcount_bits_default, false }
+
 #define QCOW2_MAGIC		0x514649fbu	/* "QFI\xfb" */
 
 #define QCOW2_INCOMPAT_DIRTY	(1ULL << 0)

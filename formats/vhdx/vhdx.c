@@ -38,31 +38,22 @@ static const struct optdesc vhdx_create_opts[] = {
 
 static const struct fmt_map vhdx_map;
 
-/* MS-VHDX 2.2.2 / 2.2.3 GUIDs, in their on-disk byte order. */
-const uint8_t vhdx_guid_bat[16] = {
-	0x66, 0x77, 0xc2, 0x2d, 0x23, 0xf6, 0x00, 0x42,
-	0x9d, 0x64, 0x11, 0x5e, 0x9b, 0xfd, 0x4a, 0x08 };
-const uint8_t vhdx_guid_metadata[16] = {
-	0x06, 0xa2, 0x7c, 0x8b, 0x90, 0x47, 0x9a, 0x4b,
-	0xb8, 0xfe, 0x57, 0x5f, 0x05, 0x0f, 0x88, 0x6e };
-static const uint8_t guid_file_params[16] = {
-	0x37, 0x67, 0xa1, 0xca, 0x36, 0xfa, 0x43, 0x4d,
-	0xb3, 0xb6, 0x33, 0xf0, 0xaa, 0x44, 0xe7, 0x6b };
-static const uint8_t guid_disk_size[16] = {
-	0x24, 0x42, 0xa5, 0x2f, 0x1b, 0xcd, 0x76, 0x48,
-	0xb2, 0x11, 0x5d, 0xbe, 0xd8, 0x3b, 0xf4, 0xb8 };
-static const uint8_t guid_page83[16] = {
-	0xab, 0x12, 0xca, 0xbe, 0xe6, 0xb2, 0x23, 0x45,
-	0x93, 0xef, 0xc3, 0x09, 0xe0, 0x00, 0xc7, 0x46 };
-static const uint8_t guid_logical_sector[16] = {
-	0x1d, 0xbf, 0x41, 0x81, 0x6f, 0xa9, 0x09, 0x47,
-	0xba, 0x47, 0xf2, 0x33, 0xa8, 0xfa, 0xab, 0x5f };
-static const uint8_t guid_physical_sector[16] = {
-	0xc7, 0x48, 0xa3, 0xcd, 0x5d, 0x44, 0x71, 0x44,
-	0x9c, 0xc9, 0xe9, 0x88, 0x52, 0x51, 0xc5, 0x56 };
-static const uint8_t guid_parent_locator[16] = {
-	0x2d, 0x5f, 0xd3, 0xa8, 0x0b, 0xb3, 0x4d, 0x45,
-	0xab, 0xf7, 0xd3, 0xd8, 0x48, 0x34, 0xab, 0x0c };
+/* MS-VHDX 2.2.2 / 2.2.3 GUIDs, in their on-disk byte order.  The metadata
+ * items from G_FILE_PARAMS on are the ones this driver knows. */
+enum {
+	G_BAT, G_METADATA, G_FILE_PARAMS, G_DISK_SIZE, G_PAGE83,
+	G_LOGICAL_SECTOR, G_PHYSICAL_SECTOR, G_PARENT_LOCATOR, G_COUNT
+};
+static const char guids[G_COUNT][17] = {
+	[G_BAT] = "\x66\x77\xc2\x2d\x23\xf6\x00\x42\x9d\x64\x11\x5e\x9b\xfd\x4a\x08",
+	[G_METADATA] = "\x06\xa2\x7c\x8b\x90\x47\x9a\x4b\xb8\xfe\x57\x5f\x05\x0f\x88\x6e",
+	[G_FILE_PARAMS] = "\x37\x67\xa1\xca\x36\xfa\x43\x4d\xb3\xb6\x33\xf0\xaa\x44\xe7\x6b",
+	[G_DISK_SIZE] = "\x24\x42\xa5\x2f\x1b\xcd\x76\x48\xb2\x11\x5d\xbe\xd8\x3b\xf4\xb8",
+	[G_PAGE83] = "\xab\x12\xca\xbe\xe6\xb2\x23\x45\x93\xef\xc3\x09\xe0\x00\xc7\x46",
+	[G_LOGICAL_SECTOR] = "\x1d\xbf\x41\x81\x6f\xa9\x09\x47\xba\x47\xf2\x33\xa8\xfa\xab\x5f",
+	[G_PHYSICAL_SECTOR] = "\xc7\x48\xa3\xcd\x5d\x44\x71\x44\x9c\xc9\xe9\x88\x52\x51\xc5\x56",
+	[G_PARENT_LOCATOR] = "\x2d\x5f\xd3\xa8\x0b\xb3\x4d\x45\xab\xf7\xd3\xd8\x48\x34\xab\x0c",
+};
 
 /* CRC-32C (Castagnoli), reflected, as MS-VHDX requires for headers,
  * region tables and log entries. */
@@ -125,7 +116,7 @@ int vhdx_fail(struct blk *bs, struct err *e, int ret)
 	return ret;
 }
 
-static bool guid_eq(const uint8_t *a, const uint8_t *b)
+static bool guid_eq(const void *a, const void *b)
 {
 	return !memcmp(a, b, 16);
 }
@@ -196,7 +187,7 @@ static int vhdx_read_regions(struct blk *bs, struct err *e)
 	uint8_t *rt = malloc(VHDX_REGION_SIZE);
 	uint64_t starts[VHDX_MAX_ENTRIES], ends[VHDX_MAX_ENTRIES];
 	uint32_t n;
-	bool have_bat = false, have_meta = false;
+	bool have[2] = { false, false };	/* G_BAT, G_METADATA */
 	int ret;
 
 	if (!rt)
@@ -207,60 +198,52 @@ static int vhdx_read_regions(struct blk *bs, struct err *e)
 		goto out;
 	}
 	ret = -EINVAL;
+	/* like QEMU, the second copy is not consulted */
 	if (memcmp(rt, "regi", 4) ||
-	    ld_le32(rt + 4) != vhdx_checksum(rt, VHDX_REGION_SIZE, 4)) {
-		/* like QEMU, the second copy is not consulted */
-		vhdx_fail(bs, e, -EINVAL);
-		goto out;
-	}
+	    ld_le32(rt + 4) != vhdx_checksum(rt, VHDX_REGION_SIZE, 4))
+		goto bad;
 	n = ld_le32(rt + 8);
-	if (n > VHDX_MAX_ENTRIES) {
-		vhdx_fail(bs, e, -EINVAL);
-		goto out;
-	}
+	if (n > VHDX_MAX_ENTRIES)
+		goto bad;
 	for (uint32_t i = 0; i < n; i++) {
 		const uint8_t *r = rt + 16 + i * 32;
 		uint64_t off = ld_le64(r + 16);
 		uint32_t len = ld_le32(r + 24), flags = ld_le32(r + 28);
+		int w;
 
 		if (!IS_ALIGNED(off, VHDX_MIB) || !IS_ALIGNED(len, VHDX_MIB) ||
-		    off < VHDX_MIB || off > UINT64_MAX - len) {
-			vhdx_fail(bs, e, -EINVAL);
-			goto out;
-		}
+		    off < VHDX_MIB || off > UINT64_MAX - len)
+			goto bad;
 		for (uint32_t k = 0; k < i; k++)
-			if (off < ends[k] && starts[k] < off + len) {
-				vhdx_fail(bs, e, -EINVAL);
-				goto out;
-			}
+			if (off < ends[k] && starts[k] < off + len)
+				goto bad;
 		starts[i] = off;
 		ends[i] = off + len;
-		if (guid_eq(r, vhdx_guid_bat)) {
-			if (have_bat) {
-				vhdx_fail(bs, e, -EINVAL);
-				goto out;
-			}
-			have_bat = true;
+		if (guid_eq(r, guids[G_BAT]))
+			w = G_BAT;
+		else if (guid_eq(r, guids[G_METADATA]))
+			w = G_METADATA;
+		else if (flags & 1) {
+			ret = -ENOTSUP;
+			goto bad;
+		} else
+			continue;
+		if (have[w])
+			goto bad;
+		have[w] = true;
+		if (w == G_BAT) {
 			s->bat_off = off;
 			s->bat_len = len;
-		} else if (guid_eq(r, vhdx_guid_metadata)) {
-			if (have_meta) {
-				vhdx_fail(bs, e, -EINVAL);
-				goto out;
-			}
-			have_meta = true;
+		} else {
 			s->meta_off = off;
 			s->meta_len = len;
-		} else if (flags & 1) {
-			ret = vhdx_fail(bs, e, -ENOTSUP);
-			goto out;
 		}
 	}
-	if (!have_bat || !have_meta) {
-		vhdx_fail(bs, e, -EINVAL);
-		goto out;
-	}
-	ret = 0;
+	if (have[G_BAT] && have[G_METADATA])
+		ret = 0;
+bad:
+	if (ret < 0)
+		vhdx_fail(bs, e, ret);
 out:
 	free(rt);
 	return ret;
@@ -268,7 +251,7 @@ out:
 
 /* Reads the first len bytes of one metadata item into out. */
 static int meta_item(struct blk *bs, const uint8_t *tab, uint32_t n,
-		     const uint8_t *guid, void *out, uint32_t len, bool *found)
+		     const char *guid, void *out, uint32_t len, bool *found)
 {
 	struct vhdx *s = bs->opaque;
 
@@ -322,23 +305,20 @@ static int vhdx_read_metadata(struct blk *bs, struct err *e)
 	 * 2.6.1.2, IsRequired). */
 	for (uint32_t i = 0; i < n; i++) {
 		const uint8_t *m = tab + 32 + i * 32;
-		const uint8_t *known[] = { guid_file_params, guid_disk_size,
-			guid_page83, guid_logical_sector, guid_physical_sector,
-			guid_parent_locator };
 		bool k = false;
 
-		for (size_t j = 0; j < ARRAY_SIZE(known); j++)
-			k |= guid_eq(m, known[j]);
+		for (int j = G_FILE_PARAMS; j < G_COUNT; j++)
+			k |= guid_eq(m, guids[j]);
 		if (!k && (ld_le32(m + 24) & 4)) {
 			ret = vhdx_fail(bs, e, -ENOTSUP);
 			goto out;
 		}
 	}
-	if (meta_item(bs, tab, n, guid_file_params, fp, 8, &f1) < 0 ||
-	    meta_item(bs, tab, n, guid_disk_size, sz, 8, &f2) < 0 ||
-	    meta_item(bs, tab, n, guid_page83, p83, 16, &f3) < 0 ||
-	    meta_item(bs, tab, n, guid_logical_sector, ls, 4, &f4) < 0 ||
-	    meta_item(bs, tab, n, guid_physical_sector, ps, 4, &f5) < 0) {
+	if (meta_item(bs, tab, n, guids[G_FILE_PARAMS], fp, 8, &f1) < 0 ||
+	    meta_item(bs, tab, n, guids[G_DISK_SIZE], sz, 8, &f2) < 0 ||
+	    meta_item(bs, tab, n, guids[G_PAGE83], p83, 16, &f3) < 0 ||
+	    meta_item(bs, tab, n, guids[G_LOGICAL_SECTOR], ls, 4, &f4) < 0 ||
+	    meta_item(bs, tab, n, guids[G_PHYSICAL_SECTOR], ps, 4, &f5) < 0) {
 		vhdx_fail(bs, e, -EINVAL);
 		goto out;
 	}
@@ -356,7 +336,7 @@ static int vhdx_read_metadata(struct blk *bs, struct err *e)
 		 * it is a differencing image, which QEMU does not open */
 		uint8_t pl[20];
 		bool f6;
-		ret = meta_item(bs, tab, n, guid_parent_locator, pl, 20, &f6);
+		ret = meta_item(bs, tab, n, guids[G_PARENT_LOCATOR], pl, 20, &f6);
 		ret = vhdx_fail(bs, e, ret < 0 || !f6 ? -EINVAL : -ENOTSUP);
 		goto out;
 	}
@@ -692,7 +672,7 @@ static int vhdx_check(struct blk *bs, struct check_result *res, int fix)
 
 /* ---- create ---- */
 
-static void put_meta_entry(uint8_t *tab, int i, const uint8_t *guid,
+static void put_meta_entry(uint8_t *tab, int i, const char *guid,
 			   uint32_t off, uint32_t len, uint32_t flags)
 {
 	uint8_t *m = tab + 32 + i * 32;
@@ -818,11 +798,11 @@ static int vhdx_create(const char *filename, const struct optlist *opts,
 	memset(buf, 0, VHDX_REGION_SIZE);
 	memcpy(buf, "regi", 4);
 	st_le32(buf + 8, 2);
-	memcpy(buf + 16, vhdx_guid_bat, 16);
+	memcpy(buf + 16, guids[G_BAT], 16);
 	st_le64(buf + 32, bat_off);
 	st_le32(buf + 40, (uint32_t)bat_len);
 	st_le32(buf + 44, 1);	/* required */
-	memcpy(buf + 48, vhdx_guid_metadata, 16);
+	memcpy(buf + 48, guids[G_METADATA], 16);
 	st_le64(buf + 64, meta_off);
 	st_le32(buf + 72, VHDX_MIB);
 	st_le32(buf + 76, 1);
@@ -836,11 +816,11 @@ static int vhdx_create(const char *filename, const struct optlist *opts,
 	memset(buf, 0, VHDX_REGION_SIZE);
 	memcpy(buf, "metadata", 8);
 	st_le16(buf + 10, 5);
-	put_meta_entry(buf, 0, guid_file_params, 0x10000, 8, 4);
-	put_meta_entry(buf, 1, guid_disk_size, 0x10008, 8, 6);
-	put_meta_entry(buf, 2, guid_page83, 0x10010, 16, 6);
-	put_meta_entry(buf, 3, guid_logical_sector, 0x10020, 4, 6);
-	put_meta_entry(buf, 4, guid_physical_sector, 0x10024, 4, 6);
+	put_meta_entry(buf, 0, guids[G_FILE_PARAMS], 0x10000, 8, 4);
+	put_meta_entry(buf, 1, guids[G_DISK_SIZE], 0x10008, 8, 6);
+	put_meta_entry(buf, 2, guids[G_PAGE83], 0x10010, 16, 6);
+	put_meta_entry(buf, 3, guids[G_LOGICAL_SECTOR], 0x10020, 4, 6);
+	put_meta_entry(buf, 4, guids[G_PHYSICAL_SECTOR], 0x10024, 4, 6);
 	ret = bfile_pwrite(f, meta_off, buf, VHDX_METADATA_TABLE_SIZE);
 	if (ret < 0)
 		goto out;

@@ -50,8 +50,6 @@ struct vhdx {
 	bool log_replayed;
 };
 
-extern const uint8_t vhdx_guid_bat[16];
-extern const uint8_t vhdx_guid_metadata[16];
 
 uint32_t vhdx_crc32c(uint32_t crc, const void *buf, size_t len);
 uint32_t vhdx_checksum(const uint8_t *buf, size_t len, size_t csum_off);
