@@ -56,115 +56,17 @@ static int fail(struct err *e, int ret, const char *msg)
 
 /* ---- header ---- */
 
-static const struct {
-	uint8_t type, bit;
-	const char *name;
-} features[] = {
-	{ 0, 0, "dirty bit" }, { 0, 1, "corrupt bit" },
-	{ 0, 2, "external data file" }, { 0, 3, "compression type" },
-	{ 0, 4, "extended L2 entries" }, { 1, 0, "lazy refcounts" },
-	{ 2, 0, "bitmaps" }, { 2, 1, "raw external data" },
-};
-
-/* Rewrites the first cluster for version: the header (v3: 112 bytes
- * with the feature fields from s), the backing format extension, the
- * feature name table (v3, as QEMU writes it only above 4 KiB clusters),
- * the other extensions as they were, the end mark, the backing name. */
+/* Rewrites the first cluster for version: v3 gets QEMU's feature name
+ * table (above 4 KiB clusters), v2 loses it; the backing name and format
+ * and the other extensions stay. */
 static int rebuild_header(struct blk *bs, uint32_t version)
 {
 	struct qcow2 *s = qcow2_state(bs);
-	uint64_t cs = s->cluster_size, limit, p, q;
 	const char *bf = bs->backing_file, *bfmt = bs->backing_fmt;
-	size_t flen = bf ? strlen(bf) : 0;
-	uint8_t *old = malloc(cs), *hc = calloc(1, cs);
-	int ret;
 
-	if (!old || !hc) {
-		ret = -ENOMEM;
-		goto out;
-	}
-	ret = bfile_pread(bs->file, 0, old, cs);
-	if (ret < 0)
-		goto out;
-	limit = ld_be64(old + QH_BACKING_OFF);
-	if (!limit || limit > cs)
-		limit = cs;
-	memcpy(hc, old, 72);
-	st_be32(hc + QH_VERSION, version);
-	p = 72;
-	if (version >= 3) {
-		st_be64(hc + QH_INCOMPAT, s->incompat);
-		st_be64(hc + QH_COMPAT, s->compat);
-		st_be64(hc + QH_AUTOCLEAR, s->autoclear);
-		st_be32(hc + QH_REFCOUNT_ORDER, s->refcount_order);
-		st_be32(hc + QH_HEADER_LEN, 112);
-		hc[QH_COMPRESSION] = s->compression_type;
-		p = 112;
-	}
-	if (flen && bfmt && bfmt[0]) {
-		size_t n = strlen(bfmt);
-		st_be32(hc + p, QCOW2_EXT_BACKING_FMT);
-		st_be32(hc + p + 4, (uint32_t)n);
-		memcpy(hc + p + 8, bfmt, n);
-		p += 8 + ALIGN_UP(n, 8);
-	}
-	if (version >= 3 && cs > 4096) {
-		st_be32(hc + p, QCOW2_EXT_FEATURES);
-		st_be32(hc + p + 4, ARRAY_SIZE(features) * 48);
-		for (size_t i = 0; i < ARRAY_SIZE(features); i++) {
-			uint8_t *f = hc + p + 8 + i * 48;
-			f[0] = features[i].type;
-			f[1] = features[i].bit;
-			memcpy(f + 2, features[i].name,
-			       strlen(features[i].name));
-		}
-		p += 8 + ARRAY_SIZE(features) * 48;
-	}
-	for (q = s->header_length; q + 8 <= limit;) {
-		uint32_t type = ld_be32(old + q), len = ld_be32(old + q + 4);
-		uint64_t sz = 8 + ALIGN_UP((uint64_t)len, 8);
-
-		if (type == QCOW2_EXT_END || sz > limit - q)
-			break;
-		if (type != QCOW2_EXT_BACKING_FMT &&
-		    type != QCOW2_EXT_FEATURES) {
-			if (p + sz + 8 > cs) {
-				ret = -ENOSPC;
-				goto out;
-			}
-			memcpy(hc + p, old + q, sz);
-			p += sz;
-		}
-		q += sz;
-	}
-	p += 8;
-	if (flen) {
-		if (p + flen > cs) {
-			ret = -ENOSPC;
-			goto out;
-		}
-		memcpy(hc + p, bf, flen);
-		st_be64(hc + QH_BACKING_OFF, p);
-		st_be32(hc + QH_BACKING_SIZE, (uint32_t)flen);
-	} else {
-		st_be64(hc + QH_BACKING_OFF, 0);
-		st_be32(hc + QH_BACKING_SIZE, 0);
-	}
-	ret = qcow2_cache_flush_all(bs);
-	if (!ret)
-		ret = bfile_flush(bs->file);
-	if (!ret)
-		ret = bfile_pwrite(bs->file, 0, hc, cs);
-	if (!ret)
-		ret = bfile_flush(bs->file);
-	if (!ret) {
-		s->version = version;
-		s->header_length = version >= 3 ? 112 : 72;
-	}
-out:
-	free(old);
-	free(hc);
-	return ret;
+	return qcow2_rewrite_header(bs, version, bf && bf[0] ? bf : NULL,
+				    bfmt && bfmt[0] ? bfmt : NULL,
+				    version >= 3 && s->cluster_size > 4096);
 }
 
 /* ---- refcount width ---- */

@@ -979,25 +979,6 @@ static int qcow2_truncate(struct blk *bs, uint64_t size, int prealloc,
 
 /* ---- create ---- */
 
-static const struct {
-	uint8_t type, bit;
-	const char *name;
-} feature_names[] = {
-	{ 0, 0, "dirty bit" }, { 0, 1, "corrupt bit" },
-	{ 0, 2, "external data file" }, { 0, 3, "compression type" },
-	{ 0, 4, "extended L2 entries" }, { 1, 0, "lazy refcounts" },
-	{ 2, 0, "bitmaps" }, { 2, 1, "raw external data" },
-};
-
-static void put_ext(uint8_t *hc, size_t *p, uint32_t type, const void *d,
-		    uint32_t len)
-{
-	st_be32(hc + *p, type);
-	st_be32(hc + *p + 4, len);
-	memcpy(hc + *p + 8, d, len);
-	*p += 8 + ALIGN_UP((size_t)len, 8);
-}
-
 static int bad_value(struct err *e, const char *name, const char *v)
 {
 	err_set(e, "Parameter '%s' does not accept value '%s'", name, v);
@@ -1014,7 +995,7 @@ static int qcow2_create(const char *filename, const struct optlist *opts,
 	int version = 3, prealloc = PREALLOC_OFF, ret;
 	unsigned cbits, rorder = 0;
 	uint8_t *hc = NULL;
-	size_t p;
+	uint64_t p;
 	struct bfile *f = NULL;
 	struct blk *bs = NULL;
 
@@ -1143,31 +1124,14 @@ static int qcow2_create(const char *filename, const struct optlist *opts,
 		st_be32(hc + QH_HEADER_LEN, 112);
 		p = 112;
 	}
-	if (bfmt && bfmt[0])
-		put_ext(hc, &p, QCOW2_EXT_BACKING_FMT, bfmt,
-			(uint32_t)strlen(bfmt));
 	/* QEMU leaves the feature name table out of small header clusters */
-	if (version >= 3 && cs > 4096) {
-		uint8_t ft[ARRAY_SIZE(feature_names) * 48] = { 0 };
-		for (size_t i = 0; i < ARRAY_SIZE(feature_names); i++) {
-			ft[i * 48] = feature_names[i].type;
-			ft[i * 48 + 1] = feature_names[i].bit;
-			memcpy(ft + i * 48 + 2, feature_names[i].name,
-			       strlen(feature_names[i].name));
-		}
-		put_ext(hc, &p, QCOW2_EXT_FEATURES, ft, sizeof(ft));
-	}
-	p += 8;		/* end of extensions */
-	if (bfile && bfile[0]) {
-		size_t n = strlen(bfile);
-		if (n > 1023 || p + n > cs) {
-			err_set(e, "Backing file name too long");
-			ret = -EINVAL;
-			goto out;
-		}
-		st_be64(hc + QH_BACKING_OFF, p);
-		st_be32(hc + QH_BACKING_SIZE, (uint32_t)n);
-		memcpy(hc + p, bfile, n);
+	if ((bfile && strlen(bfile) > 1023) ||
+	    qcow2_header_tail(hc, cs, p, bfile && bfile[0] ? bfile : NULL,
+			      bfmt && bfmt[0] ? bfmt : NULL,
+			      version >= 3 && cs > 4096, NULL, 0, 0) < 0) {
+		err_set(e, "Backing file name too long");
+		ret = -EINVAL;
+		goto out;
 	}
 	st_be64(hc + cs, 2 * cs);	/* refcount table -> block */
 	for (unsigned c = 0; c < 3; c++) {	/* clusters 0..2 in use */

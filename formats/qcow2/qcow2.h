@@ -197,6 +197,18 @@ int qcow2_write_header_field(struct blk *bs, unsigned off, const void *v,
 			     size_t len);
 
 /* the metadata cache (in refcount.c) */
+/* The header cluster hc (cs bytes, zeroed past p) from p on: the
+ * backing format extension (file and fmt given), QEMU's feature name
+ * table (features > 0), the extensions of old from q up to limit except
+ * those two (features < 0: old feature tables stay), the end mark and
+ * the backing name with its header fields. -ENOSPC when it does not fit. */
+int qcow2_header_tail(uint8_t *hc, uint64_t cs, uint64_t p, const char *file,
+		      const char *fmt, int features, const uint8_t *old,
+		      uint64_t q, uint64_t limit);
+/* Rewrites and flushes the first cluster: the header as it is, or, for
+ * another version, rebuilt from s; then qcow2_header_tail. */
+int qcow2_rewrite_header(struct blk *bs, uint32_t version, const char *file,
+			 const char *fmt, int features);
 int qcow2_cache_init(struct qcow2_cache *c, int n, size_t csize);
 void qcow2_cache_free(struct qcow2_cache *c);
 /* Returns the cached table at host offset off (read unless fresh). */
