@@ -39,23 +39,28 @@ const struct blk_driver *blk_probe(const uint8_t *buf, size_t len,
 	return best;
 }
 
-static int is_threadsafe(struct blk *bs)
+/* Whether a callback runs under bs->lock: always, unless the driver
+ * says it may run concurrently (reads: BLK_CAP_PARALLEL_READ). */
+static bool serialised(const struct blk *bs, bool read)
 {
-	return bs->drv->caps & BLK_CAP_THREADSAFE;
+	unsigned caps = bs->drv->caps;
+
+	return !(caps & BLK_CAP_THREADSAFE) &&
+	       !(read && (caps & BLK_CAP_PARALLEL_READ));
 }
 
-#define LOCKED(bs, expr) ({						\
+#define SERIAL(bs, read, expr) ({					\
+	bool l_ = serialised(bs, read);					\
 	int r_;								\
-	if (!is_threadsafe(bs))						\
+	if (l_)								\
 		pthread_mutex_lock(&(bs)->lock);			\
 	r_ = (expr);							\
-	if (!is_threadsafe(bs))						\
+	if (l_)								\
 		pthread_mutex_unlock(&(bs)->lock);			\
 	r_; })
+#define LOCKED(bs, expr) SERIAL(bs, false, expr)
 
-/* The backing file name is relative to the directory of the image that
- * names it, unless absolute. */
-static char *resolve_backing(const char *image, const char *backing)
+char *blk_relative_path(const char *image, const char *backing)
 {
 	const char *slash;
 	char *out;
@@ -94,7 +99,7 @@ char *blk_backing_path(const struct blk *bs)
 {
 	if (!bs->backing_file || !bs->backing_file[0])
 		return NULL;
-	return resolve_backing(bs->filename, bs->backing_file);
+	return blk_relative_path(bs->filename, bs->backing_file);
 }
 
 static int blk_open_depth(struct blk **pbs, const char *filename,
@@ -116,7 +121,7 @@ static int open_backing(struct blk *bs, int depth, uint64_t *devs,
 		return -ELOOP;
 	}
 	free(bs->backing_path);
-	bs->backing_path = resolve_backing(bs->filename, bs->backing_file);
+	bs->backing_path = blk_relative_path(bs->filename, bs->backing_file);
 	if (!bs->backing_path)
 		return -ENOMEM;
 	be.msg[0] = 0;
@@ -303,7 +308,7 @@ int blk_pread(struct blk *bs, uint64_t off, void *buf, size_t len)
 		return ret;
 	if (!len)
 		return 0;
-	return LOCKED(bs, bs->drv->pread(bs, off, buf, len));
+	return SERIAL(bs, true, bs->drv->pread(bs, off, buf, len));
 }
 
 /* A format guessed by probing must not be turned into another one by a
@@ -393,6 +398,12 @@ int blk_write_compressed(struct blk *bs, uint64_t off, const void *buf,
 	if (!(bs->flags & BLK_O_RDWR))
 		return -EBADF;
 	return LOCKED(bs, bs->drv->write_compressed(bs, off, buf, len));
+}
+
+int blk_write_precompressed(struct blk *bs, uint64_t off, const void *cbuf,
+			    size_t clen)
+{
+	return LOCKED(bs, bs->drv->write_precompressed(bs, off, cbuf, clen));
 }
 
 int blk_discard(struct blk *bs, uint64_t off, uint64_t len)
@@ -499,8 +510,8 @@ int blk_block_status(struct blk *bs, uint64_t off, uint64_t len,
 		*pnum = len;
 		return BLK_STAT_DATA | BLK_STAT_ALLOCATED;
 	}
-	ret = LOCKED(bs, bs->drv->block_status(bs, off, len, pnum, map,
-					       mfile));
+	ret = SERIAL(bs, true, bs->drv->block_status(bs, off, len, pnum, map,
+						     mfile));
 	if (ret >= 0 && (*pnum == 0 || *pnum > len))
 		return -EIO;	/* a driver bug must not loop callers */
 	return ret;
@@ -589,5 +600,5 @@ int blk_get_info(struct blk *bs, struct blk_info *bi)
 	memset(bi, 0, sizeof(*bi));
 	if (!bs->drv->get_info)
 		return 0;
-	return bs->drv->get_info(bs, bi);
+	return LOCKED(bs, bs->drv->get_info(bs, bi));
 }

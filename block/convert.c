@@ -705,17 +705,8 @@ static int commit(struct worker *w, const struct chunk *ch)
 		case SEG_COMP:
 			rate_wait(c, s->len);
 			if (s->clen) {
-				if (t->drv->caps & BLK_CAP_THREADSAFE)
-					ret = t->drv->write_precompressed(t,
-						s->off, w->cbuf + s->boff,
-						s->clen);
-				else {
-					pthread_mutex_lock(&t->lock);
-					ret = t->drv->write_precompressed(t,
-						s->off, w->cbuf + s->boff,
-						s->clen);
-					pthread_mutex_unlock(&t->lock);
-				}
+				ret = blk_write_precompressed(t, s->off,
+						w->cbuf + s->boff, s->clen);
 			} else {
 				ret = blk_write_compressed(t, s->off,
 							   w->buf + s->boff,

@@ -116,7 +116,7 @@ int parse_size(const char *s, uint64_t *out);
 #define BLK_CAP_BACKING		0x0004	/* images may have backing files */
 #define BLK_CAP_COMPRESS	0x0008	/* write_compressed works */
 #define BLK_CAP_ZERO_INIT	0x0010	/* a new image reads as zeroes */
-#define BLK_CAP_THREADSAFE	0x0020	/* callbacks may run concurrently */
+#define BLK_CAP_THREADSAFE	0x0020	/* all callbacks may run concurrently */
 #define BLK_CAP_SNAPSHOTS	0x0040
 #define BLK_CAP_RESIZE		0x0080
 #define BLK_CAP_SHRINK		0x0100
@@ -127,6 +127,9 @@ int parse_size(const char *s, uint64_t *out);
 /* Guest byte N is byte N of bs->file, so requests may go to the file as
  * they are (libaio, copy offload). */
 #define BLK_CAP_FILE_MAP	0x2000
+/* pread and block_status may run concurrently (the driver guards its
+ * metadata with bs->lock itself); the other callbacks are serialised. */
+#define BLK_CAP_PARALLEL_READ	0x4000
 
 /* ---- images ---- */
 /* block status bits */
@@ -163,7 +166,7 @@ struct blk {
 	char *backing_fmt;
 	char *backing_path;
 	struct blk *backing;
-	pthread_mutex_t lock;		/* taken around non-threadsafe drivers */
+	pthread_mutex_t lock;		/* serialises callbacks (recursive) */
 	char errmsg[512];		/* detail for the last -errno, if any */
 };
 

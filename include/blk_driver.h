@@ -102,5 +102,11 @@ extern const struct blk_driver *const blk_drivers[];
 /* Probe: best-scoring driver for the first bytes of a file. */
 const struct blk_driver *blk_probe(const uint8_t *buf, size_t len,
 				   const char *filename);
+/* A file name another file names (backing file, extent): relative to the
+ * directory of image unless absolute. malloc'd; NULL without memory. */
+char *blk_relative_path(const char *image, const char *name);
+/* For block/convert.c: the driver's write_precompressed under bs->lock. */
+int blk_write_precompressed(struct blk *bs, uint64_t off, const void *cbuf,
+			    size_t clen);
 
 #endif

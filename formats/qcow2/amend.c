@@ -17,9 +17,6 @@
 #include <string.h>
 #include "qcow2.h"
 
-int qcow2_amend(struct blk *bs, const struct optlist *opts, bool force,
-		struct err *e);
-int qcow2_snapshot_table_upgrade(struct blk *bs);
 
 /* What QEMU's amend -o help lists for qcow2. */
 const struct optdesc qcow2_amend_opts[] = {

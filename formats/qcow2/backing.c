@@ -13,9 +13,6 @@
 #include <string.h>
 #include "qcow2.h"
 
-int qcow2_change_backing(struct blk *bs, const char *file, const char *fmt,
-			 struct err *e);
-int qcow2_make_empty(struct blk *bs);
 
 /* The feature name table QEMU writes into v3 headers. */
 static const struct {
@@ -79,7 +76,8 @@ int qcow2_header_tail(uint8_t *hc, uint64_t cs, uint64_t p, const char *file,
 	p += 8;			/* end of extensions: type 0, length 0 */
 	if (p + flen > cs)
 		return -ENOSPC;
-	memcpy(hc + p, file, flen);
+	if (flen)
+		memcpy(hc + p, file, flen);
 	st_be64(hc + QH_BACKING_OFF, flen ? p : 0);
 	st_be32(hc + QH_BACKING_SIZE, (uint32_t)flen);
 	return 0;

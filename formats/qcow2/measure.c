@@ -13,9 +13,6 @@
 #include <string.h>
 #include "qcow2.h"
 
-int qcow2_measure(const struct optlist *opts, struct blk *in, uint64_t size,
-		  struct measure_info *mi, struct err *e);
-
 #define MAX_L1_BYTES		(32u << 20)	/* qcow2.txt: L1 limit */
 #define BITMAP_EXT		0x23852875u
 #define BITMAP_DIR_MAX		(64u << 20)	/* memory cap on the directory */

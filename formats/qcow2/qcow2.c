@@ -288,21 +288,7 @@ static void free_state(struct qcow2 *s)
 	s->datafile_name = NULL;
 }
 
-static int lock_init(struct qcow2 *s)
-{
-	pthread_mutexattr_t a;
-	int ret;
-
-	if (pthread_mutexattr_init(&a))
-		return -ENOMEM;
-	ret = pthread_mutexattr_settype(&a, PTHREAD_MUTEX_RECURSIVE);
-	if (!ret)
-		ret = pthread_mutex_init(&s->lock, &a);
-	pthread_mutexattr_destroy(&a);
-	return ret ? -ret : 0;
-}
-
-static int open_image(struct blk *bs, struct err *e)
+static int qcow2_open(struct blk *bs, struct err *e)
 {
 	struct qcow2 *s = qcow2_state(bs);
 	uint8_t hdr[112], *hc = NULL, *ft = NULL;
@@ -559,20 +545,6 @@ out:
 	return ret;
 }
 
-/* The lock exists from here on: open_image may repair a dirty image, which
- * goes through the locked paths. */
-static int qcow2_open(struct blk *bs, struct err *e)
-{
-	struct qcow2 *s = qcow2_state(bs);
-	int ret = lock_init(s);
-
-	if (ret < 0)
-		return ret;
-	ret = open_image(bs, e);
-	if (ret < 0)
-		pthread_mutex_destroy(&s->lock);
-	return ret;
-}
 
 static void qcow2_close(struct blk *bs)
 {
@@ -582,14 +554,7 @@ static void qcow2_close(struct blk *bs)
 		return;
 	if (!s->read_only && s->l2c.e)
 		qcow2_cache_flush_all(bs);
-	qcow2_cache_free(&s->l2c);
-	qcow2_cache_free(&s->rbc);
-	free(s->l1);
-	free(s->rt);
-	free(s->sn);
-	free(s->zc_buf);
-	free(s->datafile_name);
-	pthread_mutex_destroy(&s->lock);
+	free_state(s);
 }
 
 static int qcow2_flush(struct blk *bs)
@@ -1167,177 +1132,44 @@ out:
 	return ret;
 }
 
-/* qcow2/measure.c */
-int qcow2_measure(const struct optlist *opts, struct blk *in, uint64_t size,
-		  struct measure_info *mi, struct err *e);
-/* qcow2/backing.c */
-int qcow2_change_backing(struct blk *bs, const char *file, const char *fmt,
-			 struct err *e);
-int qcow2_make_empty(struct blk *bs);
-/* qcow2/snapload.c */
-int qcow2_snapshot_load_tmp(struct blk *bs, const char *id, const char *name,
-			    struct err *e);
-/* qcow2/check.c */
-int qcow2_check(struct blk *bs, struct check_result *res, int fix);
-/* qcow2/amend.c */
-int qcow2_amend(struct blk *bs, const struct optlist *opts, bool force,
-		struct err *e);
-extern const struct optdesc qcow2_amend_opts[];
-/* qcow2/snapshot.c */
-int qcow2_snapshot_create(struct blk *bs, const struct snapshot_info *sn,
-			  struct err *e);
-int qcow2_snapshot_apply(struct blk *bs, const char *id_or_name,
-			 struct err *e);
-int qcow2_snapshot_delete(struct blk *bs, const char *id, const char *name,
-			  struct err *e);
-
-/* ---- locking ----
- * The block layer does not serialise a BLK_CAP_THREADSAFE driver: pread
- * and block_status lock for themselves (map.c), compress needs no lock,
- * and every other callback holds the lock for its whole run. */
-#define LOCKED(bs, call) ({						\
-	int r_;								\
-	qcow2_lock(bs);							\
-	r_ = (call);							\
-	qcow2_unlock(bs);						\
-	r_; })
-
-static int locked_pwrite(struct blk *bs, uint64_t off, const void *buf,
-			 size_t len)
-{
-	return LOCKED(bs, qcow2_pwrite(bs, off, buf, len));
-}
-
-static int locked_pwrite_zeroes(struct blk *bs, uint64_t off, uint64_t len,
-				unsigned flags)
-{
-	return LOCKED(bs, qcow2_pwrite_zeroes(bs, off, len, flags));
-}
-
-static int locked_discard(struct blk *bs, uint64_t off, uint64_t len)
-{
-	return LOCKED(bs, qcow2_discard(bs, off, len));
-}
-
-static int locked_write_compressed(struct blk *bs, uint64_t off,
-				   const void *buf, size_t len)
-{
-	return LOCKED(bs, qcow2_write_compressed(bs, off, buf, len));
-}
-
-static int locked_write_precompressed(struct blk *bs, uint64_t off,
-				      const void *cbuf, size_t clen)
-{
-	return LOCKED(bs, qcow2_write_precompressed(bs, off, cbuf, clen));
-}
-
-static int locked_flush(struct blk *bs)
-{
-	return LOCKED(bs, qcow2_flush(bs));
-}
-
-static int locked_truncate(struct blk *bs, uint64_t size, int prealloc,
-			   bool shrink, struct err *e)
-{
-	return LOCKED(bs, qcow2_truncate(bs, size, prealloc, shrink, e));
-}
-
-static int locked_get_info(struct blk *bs, struct blk_info *bi)
-{
-	return LOCKED(bs, qcow2_get_info(bs, bi));
-}
-
-static int locked_check(struct blk *bs, struct check_result *res, int fix)
-{
-	return LOCKED(bs, qcow2_check(bs, res, fix));
-}
-
-static int locked_snapshot_list(struct blk *bs, struct snapshot_info **list,
-				int *n)
-{
-	return LOCKED(bs, qcow2_snapshot_list(bs, list, n));
-}
-
-static UNUSED int locked_snapshot_create(struct blk *bs,
-					 const struct snapshot_info *sn,
-					 struct err *e)
-{
-	return LOCKED(bs, qcow2_snapshot_create(bs, sn, e));
-}
-
-static UNUSED int locked_snapshot_apply(struct blk *bs, const char *id_or_name,
-					struct err *e)
-{
-	return LOCKED(bs, qcow2_snapshot_apply(bs, id_or_name, e));
-}
-
-static UNUSED int locked_snapshot_delete(struct blk *bs, const char *id,
-					 const char *name, struct err *e)
-{
-	return LOCKED(bs, qcow2_snapshot_delete(bs, id, name, e));
-}
-
-static UNUSED int locked_amend(struct blk *bs, const struct optlist *opts,
-			       bool force, struct err *e)
-{
-	return LOCKED(bs, qcow2_amend(bs, opts, force, e));
-}
-
-static UNUSED int locked_change_backing(struct blk *bs, const char *file,
-					const char *fmt, struct err *e)
-{
-	return LOCKED(bs, qcow2_change_backing(bs, file, fmt, e));
-}
-
-static UNUSED int locked_make_empty(struct blk *bs)
-{
-	return LOCKED(bs, qcow2_make_empty(bs));
-}
-
-static UNUSED int locked_snapshot_load_tmp(struct blk *bs, const char *id,
-					   const char *name, struct err *e)
-{
-	return LOCKED(bs, qcow2_snapshot_load_tmp(bs, id, name, e));
-}
-
 const struct blk_driver qcow2_driver = {
 	.name = "qcow2",
 	.caps = BLK_CAP_CREATE | BLK_CAP_WRITE | BLK_CAP_BACKING |
 		BLK_CAP_COMPRESS | BLK_CAP_ZERO_INIT | BLK_CAP_RESIZE |
 		BLK_CAP_SHRINK | BLK_CAP_ZERO_WRITES | BLK_CAP_MEASURE |
 		BLK_CAP_SNAPSHOTS | BLK_CAP_CHECK | BLK_CAP_AMEND |
-		BLK_CAP_THREADSAFE,
+		BLK_CAP_PARALLEL_READ,
 	.state_size = sizeof(struct qcow2),
 	.create_opts = qcow2_create_opts,
 	.probe = qcow2_probe,
 	.open = qcow2_open,
 	.close = qcow2_close,
 	.pread = qcow2_pread,
-	.pwrite = locked_pwrite,
-	.pwrite_zeroes = locked_pwrite_zeroes,
-	.discard = locked_discard,
+	.pwrite = qcow2_pwrite,
+	.pwrite_zeroes = qcow2_pwrite_zeroes,
+	.discard = qcow2_discard,
 	.block_status = qcow2_block_status,
-	.write_compressed = locked_write_compressed,
+	.write_compressed = qcow2_write_compressed,
 	.compress = qcow2_compress_cluster,
-	.write_precompressed = locked_write_precompressed,
-	.flush = locked_flush,
-	.truncate = locked_truncate,
+	.write_precompressed = qcow2_write_precompressed,
+	.flush = qcow2_flush,
+	.truncate = qcow2_truncate,
 	.create = qcow2_create,
-	.get_info = locked_get_info,
-	.snapshot_list = locked_snapshot_list,
+	.get_info = qcow2_get_info,
+	.snapshot_list = qcow2_snapshot_list,
 	/* Callbacks only one applet uses are left out with it, so
 	 * --gc-sections drops their code from small configurations. */
-	.snapshot_create = ENABLE_APPLET_SNAPSHOT ? locked_snapshot_create :
+	.snapshot_create = ENABLE_APPLET_SNAPSHOT ? qcow2_snapshot_create :
 			   NULL,
-	.snapshot_apply = ENABLE_APPLET_SNAPSHOT ? locked_snapshot_apply : NULL,
-	.snapshot_delete = ENABLE_APPLET_SNAPSHOT ? locked_snapshot_delete :
+	.snapshot_apply = ENABLE_APPLET_SNAPSHOT ? qcow2_snapshot_apply : NULL,
+	.snapshot_delete = ENABLE_APPLET_SNAPSHOT ? qcow2_snapshot_delete :
 			   NULL,
-	.amend = ENABLE_APPLET_AMEND ? locked_amend : NULL,
+	.amend = ENABLE_APPLET_AMEND ? qcow2_amend : NULL,
 	.amend_opts = ENABLE_APPLET_AMEND ? qcow2_amend_opts : NULL,
 	.measure = ENABLE_APPLET_MEASURE ? qcow2_measure : NULL,
-	.change_backing = ENABLE_APPLET_REBASE ? locked_change_backing : NULL,
-	.make_empty = ENABLE_APPLET_COMMIT ? locked_make_empty : NULL,
+	.change_backing = ENABLE_APPLET_REBASE ? qcow2_change_backing : NULL,
+	.make_empty = ENABLE_APPLET_COMMIT ? qcow2_make_empty : NULL,
 	.snapshot_load_tmp = ENABLE_APPLET_CONVERT || ENABLE_APPLET_MEASURE ?
-			     locked_snapshot_load_tmp : NULL,
-	.check = locked_check,
+			     qcow2_snapshot_load_tmp : NULL,
+	.check = qcow2_check,
 };

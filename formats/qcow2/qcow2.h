@@ -158,14 +158,12 @@ struct qcow2 {
 	bool has_crypto_ext;
 	char *datafile_name;
 
-	/* Locking (the driver is BLK_CAP_THREADSAFE): lock guards every
-	 * field below and the tables above that change after open (l1, rt,
-	 * sn, the allocator), and bs->errmsg. Reads hold it only to map a
-	 * range and copy the host offsets out; the data I/O, the backing
-	 * file and inflating run without it. Every other callback holds it
-	 * for its whole run. Recursive, because writes read (copy-on-write)
-	 * through qcow2_pread. */
-	pthread_mutex_t lock;
+	/* Locking (the driver is BLK_CAP_PARALLEL_READ): bs->lock guards
+	 * every field below and the tables above that change after open (l1,
+	 * rt, sn, the allocator), and bs->errmsg. The block layer holds it
+	 * around every callback but pread and block_status, which take it
+	 * only to map a range and copy the host offsets out; their data I/O,
+	 * the backing file and inflating run without it. */
 	struct qcow2_cache l2c, rbc;
 	/* last decompressed cluster, for reads of parts of one */
 	uint64_t zc_desc;
@@ -182,12 +180,12 @@ static inline struct qcow2 *qcow2_state(struct blk *bs)
 
 static inline void qcow2_lock(struct blk *bs)
 {
-	pthread_mutex_lock(&qcow2_state(bs)->lock);
+	pthread_mutex_lock(&bs->lock);
 }
 
 static inline void qcow2_unlock(struct blk *bs)
 {
-	pthread_mutex_unlock(&qcow2_state(bs)->lock);
+	pthread_mutex_unlock(&bs->lock);
 }
 
 /* qcow2.c */
@@ -298,6 +296,31 @@ void qcow2_compressed_range(const struct qcow2 *s, uint64_t desc,
 
 /* check.c: consistency check, fix = CHECK_FIX_* */
 int qcow2_check(struct blk *bs, struct check_result *res, int fix);
+
+/* The driver's other callbacks, each in the file of its subject. */
+/* measure.c */
+int qcow2_measure(const struct optlist *opts, struct blk *in, uint64_t size,
+		  struct measure_info *mi, struct err *e);
+/* backing.c */
+int qcow2_change_backing(struct blk *bs, const char *file, const char *fmt,
+			 struct err *e);
+int qcow2_make_empty(struct blk *bs);
+/* snapload.c */
+int qcow2_snapshot_load_tmp(struct blk *bs, const char *id, const char *name,
+			    struct err *e);
+/* amend.c */
+int qcow2_amend(struct blk *bs, const struct optlist *opts, bool force,
+		struct err *e);
+extern const struct optdesc qcow2_amend_opts[];
+/* snapshot.c */
+int qcow2_snapshot_create(struct blk *bs, const struct snapshot_info *sn,
+			  struct err *e);
+int qcow2_snapshot_apply(struct blk *bs, const char *id_or_name,
+			 struct err *e);
+int qcow2_snapshot_delete(struct blk *bs, const char *id, const char *name,
+			  struct err *e);
+/* for amend (snapshot.c; weak in check.c, which works without it) */
+int qcow2_snapshot_table_upgrade(struct blk *bs);
 
 /* compress.c */
 /* Thread-safe: each thread keeps its own inflate state. */

@@ -11,9 +11,6 @@
 #include "qcow2.h"
 
 int qcow2_snapshot_load_tmp(struct blk *bs, const char *id, const char *name,
-			    struct err *e);
-
-int qcow2_snapshot_load_tmp(struct blk *bs, const char *id, const char *name,
 			    struct err *e)
 {
 	struct qcow2 *s = qcow2_state(bs);

@@ -20,12 +20,6 @@
 #include <string.h>
 #include "qcow2.h"
 
-int qcow2_snapshot_create(struct blk *bs, const struct snapshot_info *sn,
-			  struct err *e);
-int qcow2_snapshot_apply(struct blk *bs, const char *id_or_name,
-			 struct err *e);
-int qcow2_snapshot_delete(struct blk *bs, const char *id, const char *name,
-			  struct err *e);
 
 #define SN_EXTRA	24	/* vm_state_size_large, disk_size, icount */
 #define SN_MAX_EXTRA	1024
@@ -141,6 +135,25 @@ static int find(const struct sn_table *t, const char *id, const char *name)
 		return (int)i;
 	}
 	return -1;
+}
+
+/* For apply and delete: the table of a writable image, read into t, and
+ * the index of the entry (apply: id_or_name as an id, then as a name). */
+static int table_find(struct blk *bs, struct sn_table *t, const char *id,
+		      const char *name, bool either)
+{
+	int ret, i;
+
+	memset(t, 0, sizeof(*t));
+	if (qcow2_state(bs)->read_only)
+		return -EACCES;
+	ret = table_read(bs, t);
+	if (ret < 0)
+		return ret;
+	i = find(t, id, name);
+	if (i < 0 && either)
+		i = find(t, NULL, id);
+	return i < 0 ? -ENOENT : i;
 }
 
 /* Bytes one entry takes when written by emit(). */
@@ -521,6 +534,17 @@ static void new_id(const struct sn_table *t, char *id, size_t len)
 	snprintf(id, len, "%lu", max + 1);
 }
 
+/* OFLAG_COPIED set again wherever the active tree is the only referrer,
+ * then the active tables written. */
+static int settle_copied(struct blk *bs)
+{
+	struct qcow2 *s = qcow2_state(bs);
+	bool changed = false;
+	int ret = update_tree(bs, s->l1, s->l1_size, 0, &changed);
+
+	return ret ? ret : flush_active(bs, changed);
+}
+
 int qcow2_snapshot_create(struct blk *bs, const struct snapshot_info *sn,
 			  struct err *e)
 {
@@ -712,18 +736,9 @@ int qcow2_snapshot_apply(struct blk *bs, const char *id_or_name,
 	bool changed = false;
 	int i, ret;
 
-	if (s->read_only)
-		return -EACCES;
-	ret = table_read(bs, &t);
+	i = ret = table_find(bs, &t, id_or_name, NULL, true);
 	if (ret < 0)
 		goto out;
-	i = find(&t, id_or_name, NULL);
-	if (i < 0)
-		i = find(&t, NULL, id_or_name);
-	if (i < 0) {
-		ret = -ENOENT;
-		goto out;
-	}
 	snn = t.ent[i].l1_size;
 	dsize = t.ent[i].extra >= 16 ? ld_be64(t.ent[i].raw + 48) : bs->size;
 	if (dsize > INT64_MAX || DIV_ROUND_UP(dsize, s->cluster_size <<
@@ -781,10 +796,7 @@ int qcow2_snapshot_apply(struct blk *bs, const char *id_or_name,
 	if (ret < 0)
 		goto out;
 	/* 4. OFLAG_COPIED where the active table is now the only one */
-	changed = false;
-	ret = update_tree(bs, s->l1, s->l1_size, 0, &changed);
-	if (!ret)
-		ret = flush_active(bs, changed);
+	ret = settle_copied(bs);
 out:
 	if (ret < 0 && !e->msg[0] && ret != -ENOENT)
 		err_set(e, "%s", bs->errmsg[0] ? bs->errmsg : strerror(-ret));
@@ -806,16 +818,9 @@ int qcow2_snapshot_delete(struct blk *bs, const char *id, const char *name,
 	bool changed = false;
 	int i, ret;
 
-	if (s->read_only)
-		return -EACCES;
-	ret = table_read(bs, &t);
+	i = ret = table_find(bs, &t, id, name, false);
 	if (ret < 0)
 		goto out;
-	i = find(&t, id, name);
-	if (i < 0) {
-		ret = -ENOENT;
-		goto out;
-	}
 	l1off = t.ent[i].l1_offset;
 	n = t.ent[i].l1_size;
 	ret = read_l1(bs, l1off, n, &l1);
@@ -837,10 +842,7 @@ int qcow2_snapshot_delete(struct blk *bs, const char *id, const char *name,
 		qcow2_free_clusters(bs, l1off, ALIGN_UP((uint64_t)n * 8,
 							s->cluster_size));
 	/* 3. OFLAG_COPIED where the active table is now the only one */
-	changed = false;
-	ret = update_tree(bs, s->l1, s->l1_size, 0, &changed);
-	if (!ret)
-		ret = flush_active(bs, changed);
+	ret = settle_copied(bs);
 	if (ret < 0)
 		err_set(e, "Failed to update snapshot status in disk");
 out:
@@ -850,8 +852,6 @@ out:
 }
 
 /* ---- for amend ---- */
-
-int qcow2_snapshot_table_upgrade(struct blk *bs);
 
 /* compat=1.1 requires the 64-bit VM state size and the disk size in
  * every entry: the table is rewritten if one lacks them. */

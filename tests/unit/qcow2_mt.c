@@ -1,5 +1,5 @@
 /* qcow2_mt.c - the qcow2 driver is thread-safe: it says so
- * (BLK_CAP_THREADSAFE, so the block layer no longer serialises it), and
+ * (BLK_CAP_PARALLEL_READ: the block layer does not serialise its reads), and
  * threads that read random ranges (parts of clusters, whole runs, across
  * L2 tables) and ask for block status of one image at the same time all
  * get the bytes QEMU's own conversion gives. Images made by qemu-img:
@@ -107,7 +107,7 @@ static void run(const char *img)
 		free(want);
 		return;
 	}
-	CHECK(bs->drv->caps & BLK_CAP_THREADSAFE);
+	CHECK(bs->drv->caps & BLK_CAP_PARALLEL_READ);
 	for (int i = 0; i < NTHREADS; i++) {
 		jobs[i] = (struct job){ bs, want,
 					0x9e3779b97f4a7c15ULL * (i + 1), 0,
