@@ -93,24 +93,20 @@ $(OUT): $(REL_OBJS)
 	$(MUSL_CC) $(REL_LDFLAGS) -Wl,-Map=$(BUILD)/imgbox.map -o $@ \
 		$(REL_OBJS) $(LIBS)
 
-# ---- developer build: glibc + sanitizers ----
-SAN_OBJS := $(patsubst %.c,$(SANBUILD)/%.o,$(SRCS))
-$(SANBUILD)/%.o: %.c $(GEN)/objs.mk
-	@mkdir -p $(dir $@)
-	@echo "  CC      $@"
-	@$(SAN_CC) $(SAN_CFLAGS) -c $< -o $@
-$(SANBUILD)/imgbox: $(SAN_OBJS)
-	$(SAN_CC) $(SAN_LDFLAGS) -o $@ $(SAN_OBJS) $(LIBS)
+# ---- developer builds with glibc, same sources: ASan/UBSan (san) and
+# ThreadSanitizer (tsan); $(1) names the variables, $(2) the folder ----
+define glibc_build
+$(1)_OBJS := $$(patsubst %.c,$(2)/%.o,$$(SRCS))
+$(2)/%.o: %.c $$(GEN)/objs.mk
+	@mkdir -p $$(dir $$@)
+	@echo "  CC      $$@"
+	@$$($(1)_CC) $$($(1)_CFLAGS) -c $$< -o $$@
+$(2)/imgbox: $$($(1)_OBJS)
+	$$($(1)_CC) $$($(1)_LDFLAGS) -o $$@ $$($(1)_OBJS) $$(LIBS)
+endef
+$(eval $(call glibc_build,SAN,$(SANBUILD)))
+$(eval $(call glibc_build,TSAN,$(TSANBUILD)))
 san: $(SANBUILD)/imgbox
-
-# ---- race detection: glibc + ThreadSanitizer, same sources ----
-TSAN_OBJS := $(patsubst %.c,$(TSANBUILD)/%.o,$(SRCS))
-$(TSANBUILD)/%.o: %.c $(GEN)/objs.mk
-	@mkdir -p $(dir $@)
-	@echo "  CC      $@"
-	@$(TSAN_CC) $(TSAN_CFLAGS) -c $< -o $@
-$(TSANBUILD)/imgbox: $(TSAN_OBJS)
-	$(TSAN_CC) $(TSAN_LDFLAGS) -o $@ $(TSAN_OBJS) $(LIBS)
 tsan: $(TSANBUILD)/imgbox
 tsan-check: $(TSANBUILD)/imgbox
 	@TSAN_BIN=$(TSANBUILD)/imgbox bash tests/tsan.sh

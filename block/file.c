@@ -217,14 +217,30 @@ static int aligned(struct bfile *f, uint64_t off, const void *buf, size_t len)
 	       IS_ALIGNED((uintptr_t)buf, f->align);
 }
 
-/* O_DIRECT wants aligned requests: a buffer for the aligned superset of
- * [off, off+len), which starts at *start and is *blen long. */
-static char *bounce_buf(const struct bfile *f, uint64_t off, size_t len,
-			uint64_t *start, size_t *blen)
+/* O_DIRECT wants aligned requests: an unaligned one goes through a
+ * buffer for the aligned superset of [off, off+len); a write reads it
+ * first unless both ends are aligned (read-modify-write). buf is only
+ * read from when writing. */
+static int bounce_rw(struct bfile *f, uint64_t off, void *buf, size_t len,
+		     bool write)
 {
-	*start = ALIGN_DOWN(off, f->align);
-	*blen = (size_t)(ALIGN_UP(off + len, f->align) - *start);
-	return blk_alloc_buf(*blen);
+	uint64_t start = ALIGN_DOWN(off, f->align);
+	size_t blen = (size_t)(ALIGN_UP(off + len, f->align) - start);
+	char *b = blk_alloc_buf(blen);
+	int ret = 0;
+
+	if (!b)
+		return -ENOMEM;
+	if (!write || start != off || !IS_ALIGNED(off + len, f->align))
+		ret = raw_pread_full(f->fd, start, b, blen);
+	if (!ret && write) {
+		memcpy(b + (off - start), buf, len);
+		ret = raw_pwrite_full(f->fd, start, b, blen);
+	} else if (!ret) {
+		memcpy(buf, b + (off - start), len);
+	}
+	free(b);
+	return ret;
 }
 
 int bfile_pread(struct bfile *f, uint64_t off, void *buf, size_t len)
@@ -235,19 +251,8 @@ int bfile_pread(struct bfile *f, uint64_t off, void *buf, size_t len)
 		return ret;
 	if (!len)
 		return 0;
-	if (f->direct && !aligned(f, off, buf, len)) {
-		uint64_t start;
-		size_t blen;
-		char *b = bounce_buf(f, off, len, &start, &blen);
-
-		if (!b)
-			return -ENOMEM;
-		ret = raw_pread_full(f->fd, start, b, blen);
-		if (!ret)
-			memcpy(buf, b + (off - start), len);
-		free(b);
-		return ret;
-	}
+	if (f->direct && !aligned(f, off, buf, len))
+		return bounce_rw(f, off, buf, len, false);
 	return raw_pread_full(f->fd, off, buf, len);
 }
 
@@ -261,23 +266,8 @@ int bfile_pwrite(struct bfile *f, uint64_t off, const void *buf, size_t len)
 		return 0;
 	if (f->read_only)
 		return -EBADF;
-	if (f->direct && !aligned(f, off, buf, len)) {
-		/* read-modify-write of the aligned superset */
-		uint64_t start;
-		size_t blen;
-		char *b = bounce_buf(f, off, len, &start, &blen);
-
-		if (!b)
-			return -ENOMEM;
-		if (start != off || IS_ALIGNED(off + len, f->align) == 0)
-			ret = raw_pread_full(f->fd, start, b, blen);
-		if (!ret) {
-			memcpy(b + (off - start), buf, len);
-			ret = raw_pwrite_full(f->fd, start, b, blen);
-		}
-		free(b);
-		return ret;
-	}
+	if (f->direct && !aligned(f, off, buf, len))
+		return bounce_rw(f, off, (void *)buf, len, true);
 	return raw_pwrite_full(f->fd, off, buf, len);
 }
 

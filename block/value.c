@@ -63,31 +63,32 @@ struct val *val_add_str(struct val *p, const char *key, const char *s)
 	return val_attach(p, key, v);
 }
 
+/* A number or truth value: int and uint share the union's bits. */
+static struct val *add_scalar(struct val *p, const char *key,
+			      enum val_type t, uint64_t bits)
+{
+	struct val *v = val_new(t);
+
+	if (v && t == VAL_BOOL)
+		v->b = bits != 0;
+	else if (v)
+		v->u = bits;
+	return val_attach(p, key, v);
+}
+
 struct val *val_add_int(struct val *p, const char *key, int64_t i)
 {
-	struct val *v = val_new(VAL_INT);
-
-	if (v)
-		v->i = i;
-	return val_attach(p, key, v);
+	return add_scalar(p, key, VAL_INT, (uint64_t)i);
 }
 
 struct val *val_add_uint(struct val *p, const char *key, uint64_t u)
 {
-	struct val *v = val_new(VAL_UINT);
-
-	if (v)
-		v->u = u;
-	return val_attach(p, key, v);
+	return add_scalar(p, key, VAL_UINT, u);
 }
 
 struct val *val_add_bool(struct val *p, const char *key, bool b)
 {
-	struct val *v = val_new(VAL_BOOL);
-
-	if (v)
-		v->b = b;
-	return val_attach(p, key, v);
+	return add_scalar(p, key, VAL_BOOL, b);
 }
 
 struct val *val_get(const struct val *obj, const char *key)

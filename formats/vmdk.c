@@ -562,24 +562,6 @@ static const char *next_line(const char *p)
 	return nl ? nl + 1 : p + strlen(p);
 }
 
-/* Extent path: relative names are relative to the descriptor's folder. */
-static char *extent_path(const char *image, const char *name)
-{
-	const char *slash = strrchr(image, '/');
-	size_t dlen;
-	char *out;
-
-	if (name[0] == '/' || !slash)
-		return strdup(name);
-	dlen = (size_t)(slash - image) + 1;
-	out = malloc(dlen + strlen(name) + 1);
-	if (!out)
-		return NULL;
-	memcpy(out, image, dlen);
-	strcpy(out + dlen, name);
-	return out;
-}
-
 /* Extent lines: ACCESS SECTORS TYPE "FILE" [OFFSET] (VMDK 5.0 technote,
  * "Extent Descriptions"). Lines that are not read-write extents of a
  * known type are skipped, as qemu does. */
@@ -613,7 +595,7 @@ static int parse_extents(struct blk *bs, const char *desc, struct err *e)
 		    strcmp(type, "SPARSE") && strcmp(type, "VMFS") &&
 		    strcmp(type, "VMFSSPARSE") && strcmp(type, "SESPARSE")))
 			continue;
-		path = extent_path(bs->filename, fname);
+		path = blk_relative_path(bs->filename, fname);
 		if (!path)
 			return -ENOMEM;
 		ret = bfile_open(&f, path,
@@ -1526,7 +1508,7 @@ static int create_file(const char *name, struct bfile **f, struct err *e)
 static int parent_cid_of(const char *filename, const char *backing,
 			 uint32_t *cid, struct err *e)
 {
-	char *path = extent_path(filename, backing);
+	char *path = blk_relative_path(filename, backing);
 	struct blk *b;
 	struct err be = { "" };
 	int ret;

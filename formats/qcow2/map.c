@@ -892,7 +892,7 @@ int qcow2_write_compressed(struct blk *bs, uint64_t off, const void *buf,
 {
 	struct qcow2 *s = qcow2_state(bs);
 	uint64_t cs = s->cluster_size;
-	uint8_t *in = NULL, *out = NULL, *tbl;
+	uint8_t *in = NULL, *out = NULL;
 	const uint8_t *p = buf;
 	int ret = 0;
 
@@ -912,10 +912,7 @@ int qcow2_write_compressed(struct blk *bs, uint64_t off, const void *buf,
 	}
 	while (len) {
 		size_t n = (size_t)MIN((uint64_t)len, cs);
-		uint64_t e, nsec, old;
-		unsigned idx, x = 62 - (s->cluster_bits - 8);
 		long clen;
-		int64_t h;
 
 		if (n < cs && off + n != bs->size) {
 			ret = -EINVAL;
@@ -931,27 +928,7 @@ int qcow2_write_compressed(struct blk *bs, uint64_t off, const void *buf,
 				goto out;
 			goto next;
 		}
-		ret = qcow2_l2_get(bs, off, true, &tbl, &idx);
-		if (ret < 0)
-			goto out;
-		h = qcow2_alloc_bytes(bs, (uint64_t)clen);
-		if (h < 0) {
-			ret = (int)h;
-			goto out;
-		}
-		ret = bfile_pwrite(bs->file, (uint64_t)h, out, (size_t)clen);
-		if (ret < 0)
-			goto out;
-		nsec = (((uint64_t)h + (uint64_t)clen - 1) >> 9) -
-		       ((uint64_t)h >> 9);
-		e = (uint64_t)h | nsec << x | QCOW2_OFLAG_COMPRESSED;
-		ret = qcow2_l2_get(bs, off, true, &tbl, &idx);
-		if (ret < 0)
-			goto out;
-		old = l2e(s, tbl, idx);
-		l2_set(s, tbl, idx, e, 0);
-		qcow2_cache_dirty(&s->l2c, tbl);
-		ret = free_old(bs, &old, 1);
+		ret = qcow2_write_precompressed(bs, off, out, (size_t)clen);
 		if (ret < 0)
 			goto out;
 next:
