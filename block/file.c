@@ -169,18 +169,25 @@ void bfile_close(struct bfile *f)
 	free(f);
 }
 
-static int raw_pread_full(int fd, uint64_t off, void *buf, size_t len)
+/* The whole of [off, off+len): short transfers are continued; a read
+ * past the end of the file gives zeroes, a write that makes no progress
+ * is a full disk. buf is only read from when writing. */
+static int raw_io_full(int fd, uint64_t off, void *buf, size_t len,
+		       bool write)
 {
 	char *p = buf;
 
 	while (len) {
-		ssize_t n = pread(fd, p, len, (off_t)off);
+		ssize_t n = write ? pwrite(fd, p, len, (off_t)off)
+				  : pread(fd, p, len, (off_t)off);
 		if (n < 0) {
 			if (errno == EINTR)
 				continue;
 			return -errno;
 		}
-		if (n == 0) {	/* past end of file: zeroes */
+		if (n == 0 && write)
+			return -ENOSPC;
+		if (n == 0) {
 			memset(p, 0, len);
 			return 0;
 		}
@@ -191,24 +198,14 @@ static int raw_pread_full(int fd, uint64_t off, void *buf, size_t len)
 	return 0;
 }
 
+static int raw_pread_full(int fd, uint64_t off, void *buf, size_t len)
+{
+	return raw_io_full(fd, off, buf, len, false);
+}
+
 static int raw_pwrite_full(int fd, uint64_t off, const void *buf, size_t len)
 {
-	const char *p = buf;
-
-	while (len) {
-		ssize_t n = pwrite(fd, p, len, (off_t)off);
-		if (n < 0) {
-			if (errno == EINTR)
-				continue;
-			return -errno;
-		}
-		if (n == 0)
-			return -ENOSPC;
-		p += n;
-		off += (uint64_t)n;
-		len -= (size_t)n;
-	}
-	return 0;
+	return raw_io_full(fd, off, (void *)buf, len, true);
 }
 
 static int aligned(struct bfile *f, uint64_t off, const void *buf, size_t len)

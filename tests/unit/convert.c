@@ -141,15 +141,18 @@ static int content_ok(void)
 	return 1;
 }
 
-static void run(int workers, bool ooo, bool zero_target)
+/* One convert of the source into a target of driver tdrv (tmem starts
+ * as zeroes or 0xee); the counters start at zero. */
+static int convert_once(const struct blk_driver *tdrv, char *tname,
+			int workers, bool ooo, bool zero_target,
+			struct err *e)
 {
 	struct blk src, tgt, *srcs[1] = { &src };
 	struct convert_opts o = { 0 };
-	struct err e = { "" };
 	int ret;
 
 	init_blk(&src, &src_drv, 0, "src");
-	init_blk(&tgt, &tgt_drv, BLK_O_RDWR, "tgt");
+	init_blk(&tgt, tdrv, BLK_O_RDWR, tname);
 	memset(tmem, zero_target ? 0 : 0xee, SIZE);
 	nw = out_of_order = zero_writes = 0;
 	last_end = 0;
@@ -161,7 +164,17 @@ static void run(int workers, bool ooo, bool zero_target)
 	o.out_of_order = ooo;
 	o.min_sparse = 4096;
 	o.target_is_zero = zero_target;
-	ret = convert_run(&o, &e);
+	ret = convert_run(&o, e);
+	pthread_mutex_destroy(&src.lock);
+	pthread_mutex_destroy(&tgt.lock);
+	return ret;
+}
+
+static void run(int workers, bool ooo, bool zero_target)
+{
+	struct err e = { "" };
+	int ret = convert_once(&tgt_drv, "tgt", workers, ooo, zero_target, &e);
+
 	CHECK(ret == 0, "-m %d%s: %d %s", workers, ooo ? " -W" : "", ret,
 	      e.msg);
 	CHECK(content_ok(), "-m %d%s: content", workers, ooo ? " -W" : "");
@@ -176,37 +189,21 @@ static void run(int workers, bool ooo, bool zero_target)
 	else
 		CHECK(zero_writes > 0, "-m %d: zero ranges not zeroed",
 		      workers);
-	pthread_mutex_destroy(&src.lock);
-	pthread_mutex_destroy(&tgt.lock);
 }
 
 static void run_failing(int workers)
 {
-	struct blk src, tgt, *srcs[1] = { &src };
-	struct convert_opts o = { 0 };
 	struct err e = { "" };
 	int ret;
 
-	init_blk(&src, &src_drv, 0, "src");
-	init_blk(&tgt, &tgt_fail_drv, BLK_O_RDWR, "tgt.img");
-	nw = 0;
-	last_end = 0;
 	fail_at_write = 3;
-	o.src = srcs;
-	o.nsrc = 1;
-	o.target = &tgt;
-	o.workers = workers;
-	o.min_sparse = 4096;
-	o.target_is_zero = true;
-	ret = convert_run(&o, &e);
+	ret = convert_once(&tgt_fail_drv, "tgt.img", workers, false, true, &e);
 	CHECK(ret == -ENOSPC, "failing target: %d", ret);
 	CHECK(strstr(e.msg, "error while writing at byte ") &&
 	      strstr(e.msg, "'tgt.img'") &&
 	      strstr(e.msg, "No space left on device"), "message: %s",
 	      e.msg);
 	fail_at_write = -1;
-	pthread_mutex_destroy(&src.lock);
-	pthread_mutex_destroy(&tgt.lock);
 }
 
 static void test_scan(void)
