@@ -23,10 +23,28 @@
 
 #define FOR_check
 #include <inttypes.h>
+#include <stddef.h>
 #include "imgbox.h"
 
 /* The ImageCheck object qemu-img prints: counters that are zero are left
  * out, except check-errors. */
+#define COUNT(key, field) { key, offsetof(struct check_result, field), \
+	sizeof(((struct check_result *)0)->field) == 8 }
+static const struct {
+	const char *key;
+	size_t off;
+	bool wide;		/* uint64_t, else int */
+} counts[] = {
+	COUNT("image-end-offset", image_end_offset),
+	COUNT("corruptions", corruptions), COUNT("leaks", leaks),
+	COUNT("corruptions-fixed", corruptions_fixed),
+	COUNT("leaks-fixed", leaks_fixed),
+	COUNT("total-clusters", total_clusters),
+	COUNT("allocated-clusters", allocated_clusters),
+	COUNT("fragmented-clusters", fragmented_clusters),
+	COUNT("compressed-clusters", compressed_clusters),
+};
+
 static struct val *check_val(const struct check_result *r,
 			     const char *filename, const char *fmt)
 {
@@ -37,26 +55,19 @@ static struct val *check_val(const struct check_result *r,
 	val_add_str(o, "filename", filename);
 	val_add_str(o, "format", fmt);
 	val_add_int(o, "check-errors", r->check_errors);
-	if (r->image_end_offset)
-		val_add_uint(o, "image-end-offset", r->image_end_offset);
-	if (r->corruptions)
-		val_add_int(o, "corruptions", r->corruptions);
-	if (r->leaks)
-		val_add_int(o, "leaks", r->leaks);
-	if (r->corruptions_fixed)
-		val_add_int(o, "corruptions-fixed", r->corruptions_fixed);
-	if (r->leaks_fixed)
-		val_add_int(o, "leaks-fixed", r->leaks_fixed);
-	if (r->total_clusters)
-		val_add_uint(o, "total-clusters", r->total_clusters);
-	if (r->allocated_clusters)
-		val_add_uint(o, "allocated-clusters", r->allocated_clusters);
-	if (r->fragmented_clusters)
-		val_add_uint(o, "fragmented-clusters",
-			     r->fragmented_clusters);
-	if (r->compressed_clusters)
-		val_add_uint(o, "compressed-clusters",
-			     r->compressed_clusters);
+	/* the others only when not zero, in qemu-img's order */
+	for (size_t i = 0; i < ARRAY_SIZE(counts); i++) {
+		const char *p = (const char *)r + counts[i].off;
+		int64_t v = counts[i].wide ? (int64_t)*(const uint64_t *)p
+					   : *(const int *)p;
+
+		if (!v)
+			continue;
+		if (counts[i].wide)
+			val_add_uint(o, counts[i].key, (uint64_t)v);
+		else
+			val_add_int(o, counts[i].key, v);
+	}
 	return o;
 }
 
