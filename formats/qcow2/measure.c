@@ -11,6 +11,7 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include "../fmt.h"
 #include "qcow2.h"
 
 #define MAX_L1_BYTES		(32u << 20)	/* qcow2.txt: L1 limit */
@@ -179,45 +180,36 @@ int qcow2_measure(const struct optlist *opts, struct blk *in, uint64_t size,
 		l2_esize = 16;
 	if (optlist_get_size(opts, "cluster_size", &csize, e) < 0)
 		return -EINVAL;
-	if (!pow2(csize) || csize < 512 || csize > (2u << 20)) {
-		err_set(e, "Cluster size must be a power of two between 512 "
-			"and 2048k");
-		return -EINVAL;
-	}
-	if (ext_l2 && csize < 16384) {
-		err_set(e, "Extended L2 entries are only supported with "
-			"cluster sizes of at least 16384 bytes");
-		return -EINVAL;
-	}
+	if (!pow2(csize) || csize < 512 || csize > (2u << 20))
+		return fmt_err(e, -EINVAL, "Cluster size must be a power of "
+			       "two between 512 and 2048k");
+	if (ext_l2 && csize < 16384)
+		return fmt_err(e, -EINVAL, "Extended L2 entries are only "
+			       "supported with cluster sizes of at least "
+			       "16384 bytes");
 	s = optlist_get(opts, "compat");
 	if (s && !strcmp(s, "0.10"))
 		version = 2;
-	else if (s && strcmp(s, "1.1")) {
-		err_set(e, "Invalid compatibility level: '%s'", s);
-		return -EINVAL;
-	}
+	else if (s && strcmp(s, "1.1"))
+		return fmt_err(e, -EINVAL, "Invalid compatibility level: '%s'",
+			       s);
 	if (optlist_get_size(opts, "refcount_bits", &refbits, e) < 0)
 		return -EINVAL;
-	if (!pow2(refbits) || refbits > 64) {
-		err_set(e, "Refcount width must be a power of two and may not "
-			"exceed 64 bits");
-		return -EINVAL;
-	}
-	if (version < 3 && refbits != 16) {
-		err_set(e, "Different refcount widths than 16 bits require "
-			"compatibility level 1.1 or above (use compat=1.1 or "
-			"greater)");
-		return -EINVAL;
-	}
+	if (!pow2(refbits) || refbits > 64)
+		return fmt_err(e, -EINVAL, "Refcount width must be a power of "
+			       "two and may not exceed 64 bits");
+	if (version < 3 && refbits != 16)
+		return fmt_err(e, -EINVAL, "Different refcount widths than 16 "
+			       "bits require compatibility level 1.1 or above "
+			       "(use compat=1.1 or greater)");
 	while (((uint64_t)1 << order) < refbits)
 		order++;
 	s = optlist_get(opts, "preallocation");
 	if (s) {
 		int mode;
-		if (blk_parse_prealloc(s, &mode) < 0) {
-			err_set(e, "invalid parameter value: %s", s);
-			return -EINVAL;
-		}
+		if (blk_parse_prealloc(s, &mode) < 0)
+			return fmt_err(e, -EINVAL, "invalid parameter value: "
+				       "%s", s);
 		full_prealloc = mode == PREALLOC_FALLOC ||
 				mode == PREALLOC_FULL;
 	}
@@ -231,18 +223,14 @@ int qcow2_measure(const struct optlist *opts, struct blk *in, uint64_t size,
 
 	if (in)
 		size = 0;
-	if (size > UINT64_MAX - csize) {
-		err_set(e, "The image size is too large (try using a larger "
-			"cluster size)");
-		return -EFBIG;
-	}
+	if (size > UINT64_MAX - csize)
+		return fmt_err(e, -EFBIG, "The image size is too large (try "
+			       "using a larger cluster size)");
 	vsize = ALIGN_UP(size, csize);
 	/* L1 entries needed for vsize must fit qcow2's L1 size limit */
-	if (DIV_ROUND_UP(vsize / csize, csize / l2_esize) * 8 > MAX_L1_BYTES) {
-		err_set(e, "The image size is too large (try using a larger "
-			"cluster size)");
-		return -EFBIG;
-	}
+	if (DIV_ROUND_UP(vsize / csize, csize / l2_esize) * 8 > MAX_L1_BYTES)
+		return fmt_err(e, -EFBIG, "The image size is too large (try "
+			       "using a larger cluster size)");
 	if (in) {
 		if (in->size > UINT64_MAX - csize)
 			return -EFBIG;

@@ -16,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include "../fmt.h"
 #include "qcow2.h"
 #include <generated/config.h>
 
@@ -143,19 +144,16 @@ static int read_extensions(struct blk *bs, const uint8_t *hc, uint64_t start,
 		const uint8_t *d = hc + p + 8;
 
 		p += 8;
-		if (len > end - p) {
-			err_set(e, "Header extension too large");
-			return -EINVAL;
-		}
+		if (len > end - p)
+			return fmt_err(e, -EINVAL, "Header extension too large");
 		switch (type) {
 		case QCOW2_EXT_END:
 			return 0;
 		case QCOW2_EXT_BACKING_FMT:
-			if (len >= 16) {
-				err_set(e, "ERROR: ext_backing_format: len=%u "
-					"too large (>=16)", len);
-				return -EINVAL;
-			}
+			if (len >= 16)
+				return fmt_err(e, -EINVAL, "ERROR: "
+					       "ext_backing_format: len=%u "
+					       "too large (>=16)", len);
 			free(bs->backing_fmt);
 			bs->backing_fmt = strndup((const char *)d, len);
 			if (!bs->backing_fmt)
@@ -206,10 +204,8 @@ static int read_snapshots(struct blk *bs, struct err *e)
 		uint32_t extra, idl, nml;
 		int ret;
 
-		if (off - s->snapshots_offset > QCOW2_MAX_SN_TABLE) {
-			err_set(e, "Snapshot table too large");
-			return -EFBIG;
-		}
+		if (off - s->snapshots_offset > QCOW2_MAX_SN_TABLE)
+			return fmt_err(e, -EFBIG, "Snapshot table too large");
 		ret = bfile_pread(bs->file, off, h, 40);
 		if (ret < 0)
 			return ret;
@@ -222,11 +218,9 @@ static int read_snapshots(struct blk *bs, struct err *e)
 		sn->info.vm_clock_nsec = ld_be64(h + 24);
 		sn->info.vm_state_size = ld_be32(h + 32);
 		extra = ld_be32(h + 36);
-		if (extra > 1024) {
-			err_set(e, "Too much extra metadata in snapshot "
-				"table entry %u", i);
-			return -EFBIG;
-		}
+		if (extra > 1024)
+			return fmt_err(e, -EFBIG, "Too much extra metadata in "
+				       "snapshot table entry %u", i);
 		x = calloc(1, extra + idl + nml + 1);
 		if (!x)
 			return -ENOMEM;
@@ -301,21 +295,16 @@ static int qcow2_open(struct blk *bs, struct err *e)
 		err_set(e, "Could not read qcow2 header: %s", strerror(-ret));
 		return ret;
 	}
-	if (ld_be32(hdr) != QCOW2_MAGIC) {
-		err_set(e, "Image is not in qcow2 format");
-		return -EINVAL;
-	}
+	if (ld_be32(hdr) != QCOW2_MAGIC)
+		return fmt_err(e, -EINVAL, "Image is not in qcow2 format");
 	s->version = ld_be32(hdr + QH_VERSION);
-	if (s->version < 2 || s->version > 3) {
-		err_set(e, "Unsupported qcow2 version %u", s->version);
-		return -ENOTSUP;
-	}
+	if (s->version < 2 || s->version > 3)
+		return fmt_err(e, -ENOTSUP, "Unsupported qcow2 version %u",
+			       s->version);
 	s->cluster_bits = ld_be32(hdr + QH_CLUSTER_BITS);
-	if (s->cluster_bits < 9 || s->cluster_bits > 21) {
-		err_set(e, "Unsupported cluster size: 2^%i",
-			(int)s->cluster_bits);
-		return -EINVAL;
-	}
+	if (s->cluster_bits < 9 || s->cluster_bits > 21)
+		return fmt_err(e, -EINVAL, "Unsupported cluster size: 2^%i",
+			       (int)s->cluster_bits);
 	s->cluster_size = 1ULL << s->cluster_bits;
 	if (s->version == 2) {
 		memset(hdr + 72, 0, sizeof(hdr) - 72);
@@ -323,14 +312,11 @@ static int qcow2_open(struct blk *bs, struct err *e)
 		s->refcount_order = 4;
 	} else {
 		s->header_length = ld_be32(hdr + QH_HEADER_LEN);
-		if (s->header_length < 104) {
-			err_set(e, "qcow2 header too short");
-			return -EINVAL;
-		}
-		if (s->header_length > s->cluster_size) {
-			err_set(e, "qcow2 header exceeds cluster size");
-			return -EINVAL;
-		}
+		if (s->header_length < 104)
+			return fmt_err(e, -EINVAL, "qcow2 header too short");
+		if (s->header_length > s->cluster_size)
+			return fmt_err(e, -EINVAL, "qcow2 header exceeds "
+				       "cluster size");
 		if (s->header_length < sizeof(hdr))
 			memset(hdr + s->header_length, 0,
 			       sizeof(hdr) - s->header_length);
@@ -341,10 +327,8 @@ static int qcow2_open(struct blk *bs, struct err *e)
 	s->autoclear = ld_be64(hdr + QH_AUTOCLEAR);
 	bfoff = ld_be64(hdr + QH_BACKING_OFF);
 	bfsize = ld_be32(hdr + QH_BACKING_SIZE);
-	if (bfoff > s->cluster_size) {
-		err_set(e, "Invalid backing file offset");
-		return -EINVAL;
-	}
+	if (bfoff > s->cluster_size)
+		return fmt_err(e, -EINVAL, "Invalid backing file offset");
 	hc = malloc(s->cluster_size);
 	if (!hc)
 		return -ENOMEM;
@@ -869,27 +853,21 @@ static int qcow2_truncate(struct blk *bs, uint64_t size, int prealloc,
 	int ret;
 
 	/* qcow2.txt: the virtual size is stored in whole sectors */
-	if (!IS_ALIGNED(size, 512)) {
-		err_set(e, "The new size must be a multiple of 512");
-		return -EINVAL;
-	}
+	if (!IS_ALIGNED(size, 512))
+		return fmt_err(e, -EINVAL, "The new size must be a multiple "
+			       "of 512");
 	/* A v2 snapshot table entry has no size of its own, so a snapshot
 	 * would silently take the new size; v3 entries keep theirs. */
-	if (s->nb_snapshots && s->version < 3) {
-		err_set(e, "Can't resize a v2 image which has snapshots");
-		return -ENOTSUP;
-	}
+	if (s->nb_snapshots && s->version < 3)
+		return fmt_err(e, -ENOTSUP, "Can't resize a v2 image which "
+			       "has snapshots");
 	if (size < old) {
-		if (!shrink) {
-			err_set(e, "Use the --shrink option to perform a "
-				"shrink operation.");
-			return -EINVAL;
-		}
-		if (prealloc != PREALLOC_OFF) {
-			err_set(e, "Preallocation can't be used for shrinking "
-				"an image");
-			return -EINVAL;
-		}
+		if (!shrink)
+			return fmt_err(e, -EINVAL, "Use the --shrink option "
+				       "to perform a shrink operation.");
+		if (prealloc != PREALLOC_OFF)
+			return fmt_err(e, -EINVAL, "Preallocation can't be "
+				       "used for shrinking an image");
 		ret = shrink_to(bs, size);
 		if (ret < 0) {
 			err_set(e, "Failed to shrink the image: %s",
@@ -974,11 +952,9 @@ static int qcow2_create(const char *filename, const struct optlist *opts,
 	}
 	if (optlist_get_size(opts, "cluster_size", &cs, e) < 0)
 		return -EINVAL;
-	if (cs < 512 || cs > (2u << 20) || (cs & (cs - 1))) {
-		err_set(e, "Cluster size must be a power of two between 512 "
-			"and 2048k");
-		return -EINVAL;
-	}
+	if (cs < 512 || cs > (2u << 20) || (cs & (cs - 1)))
+		return fmt_err(e, -EINVAL, "Cluster size must be a power of "
+			       "two between 512 and 2048k");
 	cbits = (unsigned)__builtin_ctzll(cs);
 	if ((v = optlist_get(opts, "preallocation")) &&
 	    blk_parse_prealloc(v, &prealloc) < 0)
@@ -989,23 +965,21 @@ static int qcow2_create(const char *filename, const struct optlist *opts,
 	if ((v = optlist_get(opts, "refcount_bits"))) {
 		char *end;
 		rbits = strtoull(v, &end, 10);
-		if (*end || !rbits || rbits > 64 || (rbits & (rbits - 1))) {
-			err_set(e, "Refcount width must be a power of two and "
-				"may not exceed 64 bits");
-			return -EINVAL;
-		}
+		if (*end || !rbits || rbits > 64 || (rbits & (rbits - 1)))
+			return fmt_err(e, -EINVAL, "Refcount width must be a "
+				       "power of two and may not exceed 64 "
+				       "bits");
 	}
 	while ((1ULL << rorder) < rbits)
 		rorder++;
 	if ((v = optlist_get(opts, "compression_type"))) {
 		if (!strcmp(v, "zstd")) {
-			if (version < 3) {
-				err_set(e, "Non-zlib compression type is only "
-					"supported with compatibility level "
-					"1.1 and above (use version=v3 or "
-					"greater)");
-				return -EINVAL;
-			}
+			if (version < 3)
+				return fmt_err(e, -EINVAL, "Non-zlib "
+					       "compression type is only "
+					       "supported with compatibility "
+					       "level 1.1 and above (use "
+					       "version=v3 or greater)");
 			err_set(e, "Compression type 'zstd' is not supported "
 				"in this build");
 			return -ENOTSUP;
@@ -1018,60 +992,44 @@ static int qcow2_create(const char *filename, const struct optlist *opts,
 		if (optlist_get_bool(opts, "encryption", &b, e) < 0)
 			return -EINVAL;
 		if (optlist_get(opts, "encryption") &&
-		    optlist_get(opts, "encrypt.format")) {
-			err_set(e, "'encrypt.format' and its alias "
-				"'encryption' can't be used at the same time");
-			return -EINVAL;
-		}
-		if (b || optlist_get(opts, "encrypt.format")) {
-			err_set(e, "Encrypted images are not supported in "
-				"this build");
-			return -ENOTSUP;
-		}
+		    optlist_get(opts, "encrypt.format"))
+			return fmt_err(e, -EINVAL, "'encrypt.format' and its "
+				       "alias 'encryption' can't be used at "
+				       "the same time");
+		if (b || optlist_get(opts, "encrypt.format"))
+			return fmt_err(e, -ENOTSUP, "Encrypted images are not "
+				       "supported in this build");
 	}
-	if (optlist_get(opts, "data_file")) {
-		err_set(e, "External data files are not supported in this "
-			"build");
-		return -ENOTSUP;
-	}
+	if (optlist_get(opts, "data_file"))
+		return fmt_err(e, -ENOTSUP, "External data files are not "
+			       "supported in this build");
 	if (optlist_get_bool(opts, "data_file_raw", &b, e) < 0)
 		return -EINVAL;
-	if (optlist_get(opts, "data_file_raw") && b) {
-		err_set(e, "data-file-raw requires data-file");
-		return -EINVAL;
-	}
-	if (version < 3 && lazy) {
-		err_set(e, "Lazy refcounts only supported with compatibility "
-			"level 1.1 and above (use version=v3 or greater)");
-		return -EINVAL;
-	}
-	if (version < 3 && rbits != 16) {
-		err_set(e, "Different refcount widths than 16 bits require "
-			"compatibility level 1.1 or above (use version=v3 or "
-			"greater)");
-		return -EINVAL;
-	}
-	if (extl2 && version < 3) {
-		err_set(e, "Extended L2 entries are only supported with "
-			"compatibility level 1.1 and above (use version=v3 or "
-			"greater)");
-		return -EINVAL;
-	}
-	if (extl2 && cs < 16384) {
-		err_set(e, "Extended L2 entries are only supported with "
-			"cluster sizes of at least 16384 bytes");
-		return -EINVAL;
-	}
-	if (bfile && bfile[0] && prealloc != PREALLOC_OFF && !extl2) {
-		err_set(e, "Backing file and preallocation can only be used "
-			"at the same time if extended_l2 is on");
-		return -EINVAL;
-	}
-	if (bfmt && !(bfile && bfile[0])) {
-		err_set(e, "Backing format cannot be used without backing "
-			"file");
-		return -EINVAL;
-	}
+	if (optlist_get(opts, "data_file_raw") && b)
+		return fmt_err(e, -EINVAL, "data-file-raw requires data-file");
+	if (version < 3 && lazy)
+		return fmt_err(e, -EINVAL, "Lazy refcounts only supported "
+			       "with compatibility level 1.1 and above (use "
+			       "version=v3 or greater)");
+	if (version < 3 && rbits != 16)
+		return fmt_err(e, -EINVAL, "Different refcount widths than 16 "
+			       "bits require compatibility level 1.1 or above "
+			       "(use version=v3 or greater)");
+	if (extl2 && version < 3)
+		return fmt_err(e, -EINVAL, "Extended L2 entries are only "
+			       "supported with compatibility level 1.1 and "
+			       "above (use version=v3 or greater)");
+	if (extl2 && cs < 16384)
+		return fmt_err(e, -EINVAL, "Extended L2 entries are only "
+			       "supported with cluster sizes of at least "
+			       "16384 bytes");
+	if (bfile && bfile[0] && prealloc != PREALLOC_OFF && !extl2)
+		return fmt_err(e, -EINVAL, "Backing file and preallocation "
+			       "can only be used at the same time if "
+			       "extended_l2 is on");
+	if (bfmt && !(bfile && bfile[0]))
+		return fmt_err(e, -EINVAL, "Backing format cannot be used "
+			       "without backing file");
 
 	hc = calloc(3, cs);
 	if (!hc)
