@@ -147,27 +147,40 @@ int blk_open_backing(struct blk *bs, struct err *e)
 }
 
 /* The permissions QEMU 7.2's tools hold on an image file and those they
- * share (bfile_lock). A backing file is read for its parent: it gets
- * the parent's read, never its write, and the same -U / convert-source
- * sharing, so the flags that decide it are passed down unchanged. */
-static void lock_perms(const struct blk_driver *drv, unsigned flags,
-		       unsigned *perm, unsigned *shared)
-{
-	/* raw keeps no metadata in its file: others may write and resize
-	 * it alongside, and it resizes only when asked to */
-	bool meta = !(drv->caps & BLK_CAP_FILE_MAP);
+ * share (bfile_lock). A file of raw guest data (raw) shares everything;
+ * a data file of another format (a flat vmdk extent) is not resized by
+ * others; a file with metadata is not written by others either. A
+ * backing file is read for its parent: it gets the parent's read, never
+ * its write, and the same -U / convert-source sharing, so the flags that
+ * decide it are passed down unchanged. */
+enum { LOCK_RAW, LOCK_DATA, LOCK_META };
 
-	*perm = flags & BLK_O_NO_IO ? 0 : BLK_PERM_CONSISTENT_READ;
+static int lock_file(struct bfile *f, unsigned flags, int kind,
+		     struct err *e)
+{
+	unsigned perm, shared;
+
+	perm = flags & BLK_O_NO_IO ? 0 : BLK_PERM_CONSISTENT_READ;
 	if (flags & BLK_O_RDWR)
-		*perm |= BLK_PERM_WRITE | (meta || (flags & BLK_O_RESIZE) ?
-					   BLK_PERM_RESIZE : 0);
-	*shared = flags & BLK_O_NO_SHARE ?
-		  BLK_PERM_CONSISTENT_READ | BLK_PERM_WRITE_UNCHANGED :
-		  BLK_PERM_ALL;
-	if (meta)
-		*shared &= ~(BLK_PERM_WRITE | BLK_PERM_RESIZE);
+		perm |= BLK_PERM_WRITE | (kind != LOCK_RAW ||
+					  (flags & BLK_O_RESIZE) ?
+					  BLK_PERM_RESIZE : 0);
+	shared = flags & BLK_O_NO_SHARE ?
+		 BLK_PERM_CONSISTENT_READ | BLK_PERM_WRITE_UNCHANGED :
+		 BLK_PERM_ALL;
+	if (kind != LOCK_RAW)
+		shared &= ~BLK_PERM_RESIZE;
+	if (kind == LOCK_META)
+		shared &= ~BLK_PERM_WRITE;
 	if (flags & BLK_O_SHARE)
-		*shared = BLK_PERM_ALL;
+		shared = BLK_PERM_ALL;
+	return bfile_lock(f, perm, shared, e);
+}
+
+int blk_lock_file(struct blk *bs, struct bfile *f, bool metadata,
+		  struct err *e)
+{
+	return lock_file(f, bs->flags, metadata ? LOCK_META : LOCK_DATA, e);
 }
 
 static int blk_open_depth(struct blk **pbs, const char *filename,
@@ -175,7 +188,6 @@ static int blk_open_depth(struct blk **pbs, const char *filename,
 			  int depth, uint64_t *devs, uint64_t *inos,
 			  struct err *e)
 {
-	unsigned perm, shared;
 	const struct blk_driver *drv = NULL;
 	struct blk *bs;
 	int ret;
@@ -259,8 +271,9 @@ static int blk_open_depth(struct blk **pbs, const char *filename,
 		ret = -ENOTSUP;
 		goto fail;
 	}
-	lock_perms(drv, flags, &perm, &shared);
-	ret = bfile_lock(bs->file, perm, shared, e);
+	/* raw keeps no metadata in its file */
+	ret = lock_file(bs->file, flags, drv->caps & BLK_CAP_FILE_MAP ?
+			LOCK_RAW : LOCK_META, e);
 	if (ret < 0) {
 		bs->drv = NULL;	/* not opened: nothing to flush or close */
 		goto fail;
