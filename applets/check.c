@@ -134,9 +134,6 @@ int check_main(int argc, char **argv)
 	if (HAS(image_opts))
 		die("--image-opts is not supported");
 
-	if (HAS(U) && fix)
-		die("Could not open '%s': force-share=on can only be used "
-		    "with read-only images", filename);
 	/* A plain check never opens the image for writing. */
 	bs = open_image(filename, fmt, BLK_O_CHECK |
 			(fix ? BLK_O_RDWR : 0) | (HAS(U) ? BLK_O_SHARE : 0),

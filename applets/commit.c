@@ -175,6 +175,10 @@ int commit_main(int argc, char **argv)
 		blk_close(base);
 		ret = blk_open(&nb, path, fmt, BLK_O_RDWR, cache, &e);
 		free(fmt);
+		/* qemu-img reopens the base: a lock it cannot get is
+		 * reported alone */
+		if (ret == -EAGAIN)
+			fail("%s", e.msg);
 		if (ret < 0)
 			fail("Could not open '%s' for writing: %s", path,
 			     e.msg);

@@ -193,7 +193,7 @@ int convert_main(int argc, char **argv)
 				       false);
 
 	/* Sources are only ever opened read-only. */
-	sflags = HAS(U) ? BLK_O_SHARE : 0;
+	sflags = HAS(U) ? BLK_O_SHARE : BLK_O_NO_SHARE;
 	src = calloc((size_t)nsrc, sizeof(*src));
 	if (!src)
 		die("out of memory");

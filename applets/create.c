@@ -88,8 +88,8 @@ int create_main(int argc, char **argv)
 				filename, bfile);
 		} else
 			path = strdup(bfile);
-		ret = blk_open(&bb, path, bfmt, BLK_O_SHARE, CACHE_WRITEBACK,
-			       &be);
+		ret = blk_open(&bb, path, bfmt, BLK_O_SHARE | BLK_O_NO_IO,
+			       CACHE_WRITEBACK, &be);
 		if (ret < 0)
 			die("%s: %s\nCould not open backing image.", filename,
 			    be.msg);

@@ -165,7 +165,8 @@ int info_main(int argc, char **argv)
 			die("Backing chain of '%s' is too deep", argv[i]);
 		names[nnames++] = filename;
 		ret = blk_open(&bs, filename, fmt,
-			       BLK_O_NO_BACKING | (HAS(U) ? BLK_O_SHARE : 0),
+			       BLK_O_NO_BACKING | BLK_O_NO_IO |
+			       (HAS(U) ? BLK_O_SHARE : 0),
 			       CACHE_WRITEBACK, &e);
 		if (ret < 0)
 			die("Could not open '%s': %s", filename, e.msg);

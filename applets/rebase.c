@@ -276,8 +276,8 @@ int rebase_main(int argc, char **argv)
 		fail(NULL, "Invalid source cache option: %s", ARG(T));
 
 	ret = blk_open(&bs, filename, HAS(f) ? ARG(f) : NULL,
-		       BLK_O_RDWR | (unsafe ? BLK_O_NO_BACKING : 0) |
-		       (HAS(U) ? BLK_O_SHARE : 0), cache, &e);
+		       BLK_O_RDWR | (unsafe ? BLK_O_NO_BACKING : 0), cache,
+		       &e);
 	if (ret < 0)
 		fail(NULL, "Could not open '%s': %s", filename,
 		     e.msg[0] ? e.msg : strerror(-ret));

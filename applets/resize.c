@@ -58,7 +58,8 @@ int resize_main(int argc, char **argv)
 		    "2^64\nOptional suffix k, M, G, T, P or E means kilo-, "
 		    "mega-, giga-, tera-, peta-\nand exabytes, respectively.");
 
-	bs = open_image(filename, fmt, BLK_O_RDWR, CACHE_WRITEBACK);
+	bs = open_image(filename, fmt, BLK_O_RDWR | BLK_O_RESIZE,
+			CACHE_WRITEBACK);
 
 	/* qemu-img computes in int64_t: a size of 8E or more is negative. */
 	cur = bs->size;

@@ -87,12 +87,8 @@ int snapshot_main(int argc, char **argv)
 		name = ARG(d);
 	if (!HAS(l))
 		flags |= BLK_O_RDWR;
-	if (HAS(U)) {
-		if (flags & BLK_O_RDWR)
-			die("Could not open '%s': force-share=on can only be "
-			    "used with read-only images", filename);
-		flags |= BLK_O_SHARE;
-	}
+	if (HAS(U))
+		flags |= BLK_O_SHARE;	/* blk_open refuses it with RDWR */
 	bs = open_image(filename, fmt, flags, CACHE_WRITEBACK);
 
 	if (HAS(l)) {

@@ -128,7 +128,8 @@ static int open_backing(struct blk *bs, int depth, uint64_t *devs,
 	ret = blk_open_depth(&bs->backing, bs->backing_path,
 			     bs->backing_fmt && bs->backing_fmt[0] ?
 			     bs->backing_fmt : NULL,
-			     (bs->flags & (BLK_O_SHARE)), bs->cache,
+			     bs->flags & (BLK_O_SHARE | BLK_O_NO_SHARE |
+					  BLK_O_NO_IO), bs->cache,
 			     depth + 1, devs, inos, &be);
 	if (ret < 0) {
 		if (ret == -ELOOP)
@@ -150,6 +151,43 @@ int blk_open_backing(struct blk *bs, struct err *e)
 	return open_backing(bs, 0, devs, inos, e);
 }
 
+/* The permissions QEMU 7.2's tools hold on an image file and those they
+ * share (bfile_lock). A file of raw guest data (raw) shares everything;
+ * a data file of another format (a flat vmdk extent) is not resized by
+ * others; a file with metadata is not written by others either. A
+ * backing file is read for its parent: it gets the parent's read, never
+ * its write, and the same -U / convert-source sharing, so the flags that
+ * decide it are passed down unchanged. */
+enum { LOCK_RAW, LOCK_DATA, LOCK_META };
+
+static int lock_file(struct bfile *f, unsigned flags, int kind,
+		     struct err *e)
+{
+	unsigned perm, shared;
+
+	perm = flags & BLK_O_NO_IO ? 0 : BLK_PERM_CONSISTENT_READ;
+	if (flags & BLK_O_RDWR)
+		perm |= BLK_PERM_WRITE | (kind != LOCK_RAW ||
+					  (flags & BLK_O_RESIZE) ?
+					  BLK_PERM_RESIZE : 0);
+	shared = flags & BLK_O_NO_SHARE ?
+		 BLK_PERM_CONSISTENT_READ | BLK_PERM_WRITE_UNCHANGED :
+		 BLK_PERM_ALL;
+	if (kind != LOCK_RAW)
+		shared &= ~BLK_PERM_RESIZE;
+	if (kind == LOCK_META)
+		shared &= ~BLK_PERM_WRITE;
+	if (flags & BLK_O_SHARE)
+		shared = BLK_PERM_ALL;
+	return bfile_lock(f, perm, shared, e);
+}
+
+int blk_lock_file(struct blk *bs, struct bfile *f, bool metadata,
+		  struct err *e)
+{
+	return lock_file(f, bs->flags, metadata ? LOCK_META : LOCK_DATA, e);
+}
+
 static int blk_open_depth(struct blk **pbs, const char *filename,
 			  const char *fmt, unsigned flags, int cache,
 			  int depth, uint64_t *devs, uint64_t *inos,
@@ -163,6 +201,11 @@ static int blk_open_depth(struct blk **pbs, const char *filename,
 	ret = blk_strip_protocol(filename, &filename, e);
 	if (ret < 0)
 		return ret;
+	if ((flags & BLK_O_SHARE) && (flags & BLK_O_RDWR)) {
+		err_set(e, "force-share=on can only be used with read-only "
+			"images");
+		return -EINVAL;
+	}
 	if (fmt) {
 		drv = blk_find_driver(fmt);
 		if (!drv) {
@@ -231,6 +274,13 @@ static int blk_open_depth(struct blk **pbs, const char *filename,
 	if ((flags & BLK_O_RDWR) && !(drv->caps & BLK_CAP_WRITE)) {
 		err_set(e, "Driver '%s' does not support writing", drv->name);
 		ret = -ENOTSUP;
+		goto fail;
+	}
+	/* raw keeps no metadata in its file */
+	ret = lock_file(bs->file, flags, drv->caps & BLK_CAP_FILE_MAP ?
+			LOCK_RAW : LOCK_META, e);
+	if (ret < 0) {
+		bs->drv = NULL;	/* not opened: nothing to flush or close */
 		goto fail;
 	}
 	if (drv->state_size) {

@@ -34,6 +34,10 @@
 #ifndef FALLOC_FL_ZERO_RANGE
 #define FALLOC_FL_ZERO_RANGE 0x10
 #endif
+#ifndef F_OFD_GETLK
+#define F_OFD_GETLK 36
+#define F_OFD_SETLK 37
+#endif
 
 /* ---- fault injection: IMGBOX_FAULT=op:errno:n[,op:errno:n...] makes the
  * n-th (1-based) and every later call of op (read, write, flush, trunc)
@@ -105,8 +109,9 @@ int bfile_open(struct bfile **pf, const char *name, unsigned flags,
 		return -EINVAL;
 	}
 	oflags |= (flags & BFILE_RDWR) ? O_RDWR : O_RDONLY;
+	/* truncated below, once no other process is found using the file */
 	if (flags & BFILE_CREATE)
-		oflags |= O_CREAT | O_TRUNC | O_RDWR;
+		oflags |= O_CREAT | O_RDWR;
 	if (flags & BFILE_EXCL)
 		oflags |= O_EXCL;
 	if (cache == CACHE_NONE || cache == CACHE_DIRECTSYNC)
@@ -157,6 +162,86 @@ int bfile_open(struct bfile **pf, const char *name, unsigned flags,
 			f->align = 4096 > st.st_blksize ? 4096 : (unsigned)st.st_blksize;
 	}
 	*pf = f;
+	if (flags & BFILE_CREATE) {
+		/* as QEMU while it creates an image: it writes and resizes,
+		 * and lets nobody else resize */
+		int ret = bfile_lock(f, BLK_PERM_WRITE | BLK_PERM_RESIZE,
+				     BLK_PERM_ALL & ~BLK_PERM_RESIZE, e);
+		if (!ret && !f->is_blockdev && ftruncate(f->fd, 0) < 0) {
+			ret = -errno;
+			err_set(e, "Could not create '%s': %s", name,
+				strerror(errno));
+		}
+		if (ret < 0) {
+			bfile_close(f);
+			*pf = NULL;
+			return ret;
+		}
+	}
+	return 0;
+}
+
+/* One byte per permission bit, as QEMU's file protocol locks them: a
+ * shared lock on 100 + bit says "I hold it", on 200 + bit "I let nobody
+ * else hold it". Open file description locks belong to this descriptor,
+ * so ours never conflict with each other, and they go when it closes. */
+enum { LOCK_PERM_BASE = 100, LOCK_SHARED_BASE = 200, LOCK_NBITS = 4 };
+
+static int ofd_lock(int fd, int cmd, short type, int byte)
+{
+	struct flock fl = { .l_type = type, .l_whence = SEEK_SET,
+			    .l_start = byte, .l_len = 1 };
+
+	if (fcntl(fd, cmd, &fl) < 0)
+		return -errno;
+	return cmd == F_OFD_GETLK && fl.l_type != F_UNLCK ? -EAGAIN : 0;
+}
+
+int bfile_lock(struct bfile *f, unsigned perm, unsigned shared,
+	       struct err *e)
+{
+	static const char *const names[LOCK_NBITS] = {
+		"consistent read", "write", "write unchanged", "resize" };
+	int byte, ret;
+
+	/* take ours first, then look for others' (two processes doing
+	 * this at once cannot both miss each other) */
+	for (int i = 0; i < 2 * LOCK_NBITS; i++) {
+		bool held = i < LOCK_NBITS ? perm >> i & 1 :
+					     !(shared >> (i - LOCK_NBITS) & 1);
+		byte = i < LOCK_NBITS ? LOCK_PERM_BASE + i :
+					LOCK_SHARED_BASE + i - LOCK_NBITS;
+		if (held && (ret = ofd_lock(f->fd, F_OFD_SETLK, F_RDLCK,
+					    byte)) < 0) {
+			err_set(e, "Failed to lock byte %d: %s", byte,
+				strerror(-ret));
+			return ret;
+		}
+	}
+	/* something we hold that another one does not share, then
+	 * something we do not share that another one holds */
+	for (int i = 0; i < 2 * LOCK_NBITS; i++) {
+		int bit = i % LOCK_NBITS;
+		bool mine = i < LOCK_NBITS ? perm >> bit & 1 :
+					     !(shared >> bit & 1);
+		byte = i < LOCK_NBITS ? LOCK_SHARED_BASE + bit :
+					LOCK_PERM_BASE + bit;
+		if (!mine)
+			continue;
+		ret = ofd_lock(f->fd, F_OFD_GETLK, F_WRLCK, byte);
+		if (ret == -EAGAIN) {
+			err_set(e, "Failed to get %s\"%s\" lock\nIs another "
+				"process using the image [%s]?",
+				i < LOCK_NBITS ? "" : "shared ", names[bit],
+				f->name);
+			return ret;
+		}
+		if (ret < 0) {
+			err_set(e, "Failed to get lock byte %d: %s", byte,
+				strerror(-ret));
+			return ret;
+		}
+	}
 	return 0;
 }
 

@@ -605,6 +605,11 @@ static int parse_extents(struct blk *bs, const char *desc, struct err *e)
 		if (ret < 0)
 			return ret;
 		flat = !strcmp(type, "FLAT") || !strcmp(type, "VMFS");
+		ret = blk_lock_file(bs, f, !flat, e);
+		if (ret < 0) {
+			bfile_close(f);
+			return ret;
+		}
 		if (flat) {
 			if ((uint64_t)sectors > MAX_CAPACITY ||
 			    (uint64_t)off > MAX_CAPACITY ||

@@ -44,10 +44,23 @@ struct bfile {
 	uint64_t dev, ino;	/* identity, for loops and same-file tests */
 };
 #define BFILE_RDWR	0x1
-#define BFILE_CREATE	0x2	/* O_CREAT|O_TRUNC */
+#define BFILE_CREATE	0x2	/* O_CREAT, then truncated */
 #define BFILE_EXCL	0x4	/* with CREATE: O_EXCL */
+/* With BFILE_CREATE the file is locked as bfile_lock(W|RESIZE, all but
+ * RESIZE) before it is truncated. */
 int bfile_open(struct bfile **pf, const char *name, unsigned flags,
 	       int cache, struct err *e);
+/* Image locking interoperable with QEMU: permissions this open holds and
+ * those it lets other processes hold (QEMU's bits; BLK_PERM_ALL shares
+ * everything). -EAGAIN with QEMU's message when another process holds
+ * what we do not share or does not share what we hold. */
+#define BLK_PERM_CONSISTENT_READ	0x1
+#define BLK_PERM_WRITE			0x2
+#define BLK_PERM_WRITE_UNCHANGED	0x4
+#define BLK_PERM_RESIZE			0x8
+#define BLK_PERM_ALL			0xf
+int bfile_lock(struct bfile *f, unsigned perm, unsigned shared,
+	       struct err *e);
 void bfile_close(struct bfile *f);
 /* Reads past end of file return zeroes. */
 int bfile_pread(struct bfile *f, uint64_t off, void *buf, size_t len);
@@ -142,10 +155,15 @@ int parse_size(const char *s, uint64_t *out);
 /* open flags */
 #define BLK_O_RDWR		0x01
 #define BLK_O_NO_BACKING	0x02	/* leave the backing chain closed */
-#define BLK_O_SHARE		0x04	/* -U: skip image locking */
+/* -U: let other processes write and resize (read-only opens only) */
+#define BLK_O_SHARE		0x04
 #define BLK_O_CHECK		0x08	/* for check: tolerate what check reports */
 #define BLK_O_PROBED		0x10	/* format was guessed (set by blk_open) */
 #define BLK_O_NO_FLUSH_ON_CLOSE	0x20
+#define BLK_O_NO_IO		0x40	/* metadata only (info): no read lock */
+#define BLK_O_NO_SHARE		0x80	/* nobody may write it meanwhile
+					   (convert source, as qemu-img) */
+#define BLK_O_RESIZE		0x100	/* may change the size (resize) */
 
 #define BLK_MAX_CHAIN		64	/* backing chain depth cap */
 

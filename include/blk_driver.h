@@ -96,6 +96,11 @@ struct blk_driver {
 	int64_t (*allocated_size)(struct blk *bs);
 };
 
+/* Locks a further file of the image (an extent) as bs->file is locked
+ * (DESIGN.md, image locking); metadata: the file holds metadata too. */
+int blk_lock_file(struct blk *bs, struct bfile *f, bool metadata,
+		  struct err *e);
+
 const struct blk_driver *blk_find_driver(const char *name);
 /* NULL-terminated list of compiled-in drivers, in table order. */
 extern const struct blk_driver *const blk_drivers[];

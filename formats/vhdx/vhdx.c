@@ -173,25 +173,47 @@ static int vhdx_read_headers(struct blk *bs, struct err *e)
 		err_set(e, "No valid VHDX header found");
 		return -EINVAL;
 	}
-	/* only log version 0 exists */
-	if (ld_le16(s->hdr[s->cur] + 64) != 0)
+	/* only log version 0 exists; the log starts on a MiB (its length
+	 * is not checked, as in QEMU) */
+	if (ld_le16(s->hdr[s->cur] + 64) != 0 ||
+	    !IS_ALIGNED(ld_le64(s->hdr[s->cur] + 72), VHDX_MIB))
 		return vhdx_fail(bs, e, -EINVAL);
 	return 0;
 }
 
-/* Regions must lie past the 1 MiB header area, be 1 MiB aligned and not
- * overlap each other. */
+/* QEMU's test, with its message: [start, end) overlaps [rs, re) unless
+ * it lies wholly on one side (so even an empty log can be overlapped). */
+static bool region_overlaps(uint64_t start, uint64_t end, uint64_t rs,
+			    uint64_t re)
+{
+	struct check_result r = { .report = check_default_report };
+
+	if (start >= re || end <= rs)
+		return false;
+	check_report(&r, CHECK_ERROR, "VHDX region %" PRIu64 "-%" PRIu64
+		     " overlaps with region %" PRIu64 "-%" PRIu64, start, end,
+		     rs, re);
+	return true;
+}
+
+/* Regions must lie past the 1 MiB header area, be 1 MiB aligned and
+ * overlap neither the log (even an empty one) nor each other: checked
+ * first, as QEMU does, the latest region first. */
 static int vhdx_read_regions(struct blk *bs, struct err *e)
 {
 	struct vhdx *s = bs->opaque;
 	uint8_t *rt = malloc(VHDX_REGION_SIZE);
 	uint64_t starts[VHDX_MAX_ENTRIES], ends[VHDX_MAX_ENTRIES];
+	const uint8_t *h = s->hdr[s->cur];
+	uint64_t log_off = ld_le64(h + 72), log_end;
 	uint32_t n;
 	bool have[2] = { false, false };	/* G_BAT, G_METADATA */
 	int ret;
 
 	if (!rt)
 		return -ENOMEM;
+	if (add_overflow_u64(log_off, ld_le32(h + 68), &log_end))
+		log_end = UINT64_MAX;
 	ret = bfile_pread(bs->file, VHDX_REGION1_OFF, rt, VHDX_REGION_SIZE);
 	if (ret < 0) {
 		err_set(e, "Could not read region table: %s", strerror(-ret));
@@ -209,14 +231,16 @@ static int vhdx_read_regions(struct blk *bs, struct err *e)
 		const uint8_t *r = rt + 16 + i * 32;
 		uint64_t off = ld_le64(r + 16);
 		uint32_t len = ld_le32(r + 24), flags = ld_le32(r + 28);
+		bool clash = off > UINT64_MAX - len;
 		int w;
 
-		if (!IS_ALIGNED(off, VHDX_MIB) || !IS_ALIGNED(len, VHDX_MIB) ||
-		    off < VHDX_MIB || off > UINT64_MAX - len)
+		for (uint32_t k = i; k-- > 0 && !clash;)
+			clash = region_overlaps(off, off + len, starts[k],
+						ends[k]);
+		if (clash || region_overlaps(off, off + len, log_off, log_end) ||
+		    !IS_ALIGNED(off, VHDX_MIB) || !IS_ALIGNED(len, VHDX_MIB) ||
+		    off < VHDX_MIB)
 			goto bad;
-		for (uint32_t k = 0; k < i; k++)
-			if (off < ends[k] && starts[k] < off + len)
-				goto bad;
 		starts[i] = off;
 		ends[i] = off + len;
 		if (guid_eq(r, guids[G_BAT]))
