@@ -261,7 +261,10 @@ int convert_main(int argc, char **argv)
 			die("output file is smaller than input file");
 		if (HAS(c) && !(blk_can(tgt, BLK_CAP_COMPRESS)))
 			die("Compression not supported for this file format");
-		base = tgt->backing ? tgt->backing_file : NULL;
+		/* The target's own backing file does not make this a -B
+		 * conversion: what the source reads is written everywhere,
+		 * zeroes included, so nothing of that backing file shows
+		 * through. */
 	}
 
 	if (base && tgt->backing) {
@@ -292,6 +295,7 @@ int convert_main(int argc, char **argv)
 	}
 	co.min_sparse = sparse;
 	co.target_has_backing = base != NULL;
+	co.target_is_new = created;
 	co.target_is_zero = HAS(target_is_zero) ||
 		(created && !base && blk_format_can(out_fmt, BLK_CAP_ZERO_INIT));
 	co.copy_range = HAS(C);

@@ -269,12 +269,15 @@ static int claim(struct conv *c, struct chunk *ch)
 					    &map, &mf, &depth);
 		if (st >= 0 && !(st & BLK_STAT_ALLOCATED))
 			st = -1000;	/* the new backing file provides it */
-	} else if (o->target_has_backing) {
+	} else if (o->target_has_backing && bs->backing) {
 		st = blk_block_status(bs, off - c->src_start[i], limit, &n,
 				      &map, &mf);
 		if (st >= 0 && !(st & BLK_STAT_ALLOCATED))
 			st = -1000;	/* the new backing file provides it */
 	} else {
+		/* without a backing file of its own the source reads zeroes
+		 * where it allocates nothing: they are written even over a
+		 * backing file of the target */
 		st = blk_block_status_above(bs, NULL, off - c->src_start[i],
 					    limit, &n, &map, &mf, &depth);
 	}
@@ -365,7 +368,7 @@ static int same_as_backing(struct worker *w, uint64_t off, const uint8_t *buf,
 	int ret;
 
 	*same = false;
-	if (!t->backing)
+	if (!t->backing || !w->c->o->target_is_new)
 		return 0;
 	ret = blk_read_backing(t, off, w->bbuf, len);
 	if (ret < 0) {
@@ -536,7 +539,8 @@ static int process(struct worker *w, const struct chunk *ch)
 		}
 		if (o->target_is_zero)
 			return 0;
-		if (o->target_has_backing &&
+		if (o->target_has_backing && o->target_is_new &&
+		    o->target->backing &&
 		    backing_is_zero(o->target, ch->off, ch->len))
 			return 0;
 		return add_seg(w, SEG_ZERO, ch->off, ch->len, 0, 0);

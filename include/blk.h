@@ -391,6 +391,10 @@ struct convert_opts {
 	 * backing chain. Ranges the top source image does not allocate are
 	 * skipped, and data equal to the new backing file is not written. */
 	bool target_has_backing;
+	/* The target was created by this run: its own layer is empty, so it
+	 * reads as its backing file, and data or zeroes the backing file
+	 * already holds need no write. */
+	bool target_is_new;
 	/* With target_has_backing: per source, the image of its backing
 	 * chain that is the target's new backing file (NULL: not in the
 	 * chain; then only the top source image counts, as in qemu-img).

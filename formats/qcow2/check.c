@@ -309,7 +309,9 @@ static int l2_type(const struct qcow2 *s, uint64_t e)
 }
 
 /* A preallocated cluster at a misaligned offset holds no data: the entry
- * becomes a plain zero cluster. */
+ * becomes a plain zero cluster. With subclusters it loses its offset only:
+ * no subcluster of it is allocated, so its zero bits stay as they are and
+ * the others go on reading the backing file. */
 static int fix_entry_by_zero(struct ck *c, uint64_t l2_off, uint8_t *t,
 			     unsigned i, bool active, bool *overlap)
 {
@@ -320,7 +322,7 @@ static int fix_entry_by_zero(struct ck *c, uint64_t l2_off, uint8_t *t,
 
 	if (s->ext_l2) {
 		st_be64(p, 0);
-		st_be64(p + 8, CK_L2_BITMAP_ALLOC << 32);
+		st_be64(p + 8, ld_be64(p + 8) & (CK_L2_BITMAP_ALLOC << 32));
 	} else {
 		st_be64(p, QCOW2_OFLAG_ZERO);
 	}
