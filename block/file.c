@@ -5,6 +5,7 @@
  * buffers, flush policy and fault injection. */
 #include <errno.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -43,8 +44,12 @@
  * n-th (1-based) and every later call of op (read, write, flush, trunc)
  * fail with errno. Tests use it for ENOSPC and EIO paths. A copy inside
  * the kernel counts as a read and a write; a request in flight fails when
- * it completes, as a real transfer error would. */
+ * it completes, as a real transfer error would. In place of errno, "kill"
+ * makes the n-th call kill the process with SIGKILL before it does
+ * anything, as an outside kill between two calls would: the crash-safety
+ * sweeps stop a command after each of its writes in turn. */
 enum { F_READ, F_WRITE, F_FLUSH, F_TRUNC, F_NR };
+#define F_KILL	(-1)
 static struct {
 	int init;
 	int err[F_NR];
@@ -52,39 +57,47 @@ static struct {
 	atomic_long count[F_NR];
 } fault;
 
+static void fault_parse(void)
+{
+	static const char *const names[F_NR] = { "read", "write", "flush",
+						 "trunc" };
+	const char *s = getenv("IMGBOX_FAULT");
+	char buf[256], *save = NULL, *tok;
+
+	fault.init = 1;
+	if (!s)
+		return;
+	snprintf(buf, sizeof(buf), "%s", s);
+	for (tok = strtok_r(buf, ",", &save); tok;
+	     tok = strtok_r(NULL, ",", &save)) {
+		char name[16], what[16];
+		long n;
+
+		if (sscanf(tok, "%15[a-z]:%15[a-z0-9]:%ld", name, what,
+			   &n) != 3)
+			continue;
+		for (int i = 0; i < F_NR; i++)
+			if (!strcmp(name, names[i])) {
+				fault.err[i] = strcmp(what, "kill") ?
+					       atoi(what) : F_KILL;
+				fault.after[i] = n;
+			}
+	}
+}
+
 static int fault_hit(int op)
 {
 	if (!ENABLE_FAULT_INJECTION)
 		return 0;
-	if (!fault.init) {
-		static const char *const names[F_NR] = { "read", "write",
-							 "flush", "trunc" };
-		const char *s = getenv("IMGBOX_FAULT");
-		char buf[256], *save = NULL, *tok;
-
-		fault.init = 1;
-		if (!s)
-			return 0;
-		snprintf(buf, sizeof(buf), "%s", s);
-		for (tok = strtok_r(buf, ",", &save); tok;
-		     tok = strtok_r(NULL, ",", &save)) {
-			char name[16];
-			int e;
-			long n;
-			if (sscanf(tok, "%15[a-z]:%d:%ld", name, &e, &n) != 3)
-				continue;
-			for (int i = 0; i < F_NR; i++)
-				if (!strcmp(name, names[i])) {
-					fault.err[i] = e;
-					fault.after[i] = n;
-				}
-		}
-	}
+	if (!fault.init)
+		fault_parse();
 	if (!fault.err[op])
 		return 0;
-	if (atomic_fetch_add(&fault.count[op], 1) + 1 >= fault.after[op])
-		return -fault.err[op];
-	return 0;
+	if (atomic_fetch_add(&fault.count[op], 1) + 1 < fault.after[op])
+		return 0;
+	if (fault.err[op] == F_KILL)
+		raise(SIGKILL);
+	return -fault.err[op];
 }
 
 void *blk_alloc_buf(size_t len)
@@ -463,13 +476,15 @@ int bfile_truncate(struct bfile *f, uint64_t size, int prealloc,
 int bfile_zero(struct bfile *f, uint64_t off, uint64_t len, bool unmap)
 {
 	int64_t size;
+	int ret;
 
 	if (!len)
 		return 0;
 	if (f->read_only)
 		return -EBADF;
-	if (fault_hit(F_WRITE))
-		return -fault.err[F_WRITE];
+	ret = fault_hit(F_WRITE);
+	if (ret)
+		return ret;
 	size = bfile_size(f);
 	/* Past the end of a regular file everything reads as zero already,
 	 * but the file must still cover the range. */
