@@ -319,6 +319,39 @@ int qcow2_snapshot_apply(struct blk *bs, const char *id_or_name,
 			 struct err *e);
 int qcow2_snapshot_delete(struct blk *bs, const char *id, const char *name,
 			  struct err *e);
+/* txn.c: a metadata change that takes effect in one header write.
+ * begin reads the refcounts into memory; ref/ref_tree/alloc change them
+ * there (alloc: clusters past the image as it was, refcount 1, for new
+ * copies of tables); write_l1 settles OFLAG_COPIED in the active tree l1
+ * (copying the L2 tables whose flags change) and writes it anew; commit
+ * writes new refcount blocks and table, then the header fields from size
+ * to snapshots_offset, and makes s describe the new image. Until commit
+ * returns 0 the image on disk is the old one. */
+struct qcow2_txn {
+	struct blk *bs;
+	uint8_t *rc;		/* refcounts after the change, disk encoding */
+	uint8_t *dirty;		/* per refcount block: changed */
+	uint64_t blocks;	/* refcount blocks rc holds */
+	uint64_t nb;		/* clusters counted */
+	uint64_t next;		/* next cluster to allocate */
+	/* the header after the change */
+	uint64_t size;
+	uint64_t *l1;		/* active L1, host order */
+	uint32_t l1_size;
+	uint64_t l1_offset;
+	uint32_t nb_snapshots;
+	uint64_t snapshots_offset;
+};
+int qcow2_txn_begin(struct blk *bs, struct qcow2_txn *t);
+void qcow2_txn_free(struct qcow2_txn *t);
+int qcow2_txn_ref(struct qcow2_txn *t, uint64_t off, uint64_t len,
+		  int delta);
+/* delta on every L2 table and host cluster the tree l1[0..n) reaches */
+int qcow2_txn_ref_tree(struct qcow2_txn *t, const uint64_t *l1, uint32_t n,
+		       int delta);
+int64_t qcow2_txn_alloc(struct qcow2_txn *t, uint64_t len);
+int qcow2_txn_write_l1(struct qcow2_txn *t, bool free_old);
+int qcow2_txn_commit(struct qcow2_txn *t);
 /* for amend (snapshot.c; weak in check.c, which works without it) */
 int qcow2_snapshot_table_upgrade(struct blk *bs);
 

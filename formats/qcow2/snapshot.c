@@ -6,12 +6,10 @@
  * its refcount (an L2 table shared by two L1 tables makes its data
  * clusters count twice), which is how QEMU's check counts them.
  *
- * Ordering: references are added before anything points to them and
- * dropped only after nothing does, so an interruption leaves leaks. The
- * snapshot table is rewritten into new clusters and switched by one
- * header write of nb_snapshots and snapshots_offset (bytes 60..71, one
- * sector). The OFLAG_COPIED flags of the active tables follow the
- * refcounts; they are written right after the refcount blocks. */
+ * Create, apply and delete change refcounts and OFLAG_COPIED flags all
+ * over the image; each is one transaction (txn.c) that writes the new
+ * tables as copies and switches to them in one header write, so that a
+ * kill at any moment leaves the old image or the new one. */
 //format:PART(qcow2)
 
 #include <errno.h>
@@ -221,21 +219,17 @@ static int refresh_list(struct blk *bs, const struct sn_table *t)
 	return 0;
 }
 
-/* Writes a new snapshot table: the entries of t except skip (-1: none),
- * then add (NULL: none), into fresh clusters; the header is switched to
- * it in one write, then the old table's clusters are released. On
- * success t describes the new table. */
-static int table_write(struct blk *bs, struct sn_table *t, int skip,
-		       const struct sn_raw *add)
+/* The entries of t except skip (-1: none), then add (NULL: none), as a
+ * new table in *pbuf (whole clusters, zero-padded): *plen bytes, *pn
+ * entries. */
+static int table_emit(struct blk *bs, const struct sn_table *t, int skip,
+		      const struct sn_raw *add, uint8_t **pbuf,
+		      uint64_t *plen, uint32_t *pn)
 {
 	struct qcow2 *s = qcow2_state(bs);
-	uint64_t len = 0, pos = 0, old_off = s->snapshots_offset;
-	uint64_t old_len = t->len;
+	uint64_t len = 0, pos = 0;
 	uint32_t n = 0;
-	uint8_t *buf = NULL, hdr[12];
-	int64_t off = 0;
-	struct sn_table nt = { 0 };
-	int ret;
+	uint8_t *buf = NULL;
 
 	for (uint32_t i = 0; i < t->n; i++)
 		if ((int)i != skip)
@@ -258,6 +252,55 @@ static int table_write(struct blk *bs, struct sn_table *t, int skip,
 		pos += emit_len(r);
 		n++;
 	}
+	*pbuf = buf;
+	*plen = len;
+	*pn = n;
+	return 0;
+}
+
+/* t becomes the table of n entries in buf (which it takes), as written;
+ * the list that info shows follows. */
+static int table_adopt(struct blk *bs, struct sn_table *t, uint8_t *buf,
+		       uint64_t len, uint32_t n)
+{
+	uint64_t pos = 0;
+
+	table_free(t);
+	t->buf = buf;
+	t->len = len;
+	if (n) {
+		t->ent = calloc(n, sizeof(*t->ent));
+		if (!t->ent)
+			return -ENOMEM;
+	}
+	for (uint32_t i = 0; i < n; i++) {
+		struct sn_raw *r = &t->ent[i];
+		r->raw = t->buf + pos;
+		r->extra = ld_be32(r->raw + 36);
+		r->idl = ld_be16(r->raw + 12);
+		r->nml = ld_be16(r->raw + 14);
+		r->l1_offset = ld_be64(r->raw);
+		r->l1_size = ld_be32(r->raw + 8);
+		pos += emit_len(r);
+	}
+	t->n = n;
+	return refresh_list(bs, t);
+}
+
+/* Writes the table of t rewritten (table_emit) into fresh clusters; the
+ * header is switched to it in one write, then the old table's clusters
+ * are released. On success t describes the new table. */
+static int table_write(struct blk *bs, struct sn_table *t)
+{
+	struct qcow2 *s = qcow2_state(bs);
+	uint64_t len, old_off = s->snapshots_offset, old_len = t->len;
+	uint32_t n;
+	uint8_t *buf, hdr[12];
+	int64_t off = 0;
+	int ret = table_emit(bs, t, -1, NULL, &buf, &len, &n);
+
+	if (ret < 0)
+		return ret;
 	if (len) {
 		off = qcow2_alloc_clusters(bs, DIV_ROUND_UP(len,
 							    s->cluster_size));
@@ -286,33 +329,9 @@ static int table_write(struct blk *bs, struct sn_table *t, int skip,
 	s->nb_snapshots = n;
 	if (old_len)
 		qcow2_free_clusters(bs, old_off, old_len);
-	off = 0;	/* in use now */
-	/* describe the new table */
-	nt.buf = buf;
-	nt.len = len;
+	ret = table_adopt(bs, t, buf, len, n);
 	buf = NULL;
-	table_free(t);
-	*t = nt;
-	if (n) {
-		t->ent = calloc(n, sizeof(*t->ent));
-		if (!t->ent) {
-			ret = -ENOMEM;
-			goto out;
-		}
-	}
-	pos = 0;
-	for (uint32_t i = 0; i < n; i++) {
-		struct sn_raw *r = &t->ent[i];
-		r->raw = t->buf + pos;
-		r->extra = ld_be32(r->raw + 36);
-		r->idl = ld_be16(r->raw + 12);
-		r->nml = ld_be16(r->raw + 14);
-		r->l1_offset = ld_be64(r->raw);
-		r->l1_size = ld_be32(r->raw + 8);
-		pos += emit_len(r);
-	}
-	t->n = n;
-	ret = refresh_list(bs, t);
+	off = 0;	/* in use now */
 out:
 	if (ret < 0 && off > 0)
 		qcow2_free_clusters(bs, (uint64_t)off, len);
@@ -320,196 +339,30 @@ out:
 	return ret;
 }
 
-/* ---- walking a tree ---- */
-
-static int bad_table(struct blk *bs, const char *what, uint64_t v)
+/* The same inside a transaction: the new table in new clusters, the old
+ * one's reference dropped, the header fields set in x. *pbuf holds the
+ * new table for table_adopt once x is committed. */
+static int table_stage(struct qcow2_txn *x, const struct sn_table *t,
+		       int skip, const struct sn_raw *add, uint8_t **pbuf,
+		       uint64_t *plen)
 {
-	return qcow2_set_errmsg(bs, -EIO, "Image is corrupt: %s %#llx", what,
-				(unsigned long long)v);
-}
+	struct blk *bs = x->bs;
+	uint32_t n;
+	int64_t off = 0;
+	int ret = table_emit(bs, t, skip, add, pbuf, plen, &n);
 
-/* Position in a tree walk: L1 index i, L2 index j (j == entries per
- * table: the L2 table itself). */
-struct walk_pos {
-	uint32_t i;
-	unsigned j;
-};
-
-static bool before(struct walk_pos a, const struct walk_pos *stop)
-{
-	return !stop || a.i < stop->i || (a.i == stop->i && a.j < stop->j);
-}
-
-/* One reference more (addend 1) or less (-1) on the clusters of
- * [off, off+len); a refcount that would overflow is -EINVAL, as QEMU
- * reports it. */
-static int add_ref(struct blk *bs, uint64_t off, uint64_t len, int addend)
-{
-	struct qcow2 *s = qcow2_state(bs);
-	uint64_t rc;
-	int ret;
-
-	if (addend > 0) {
-		for (uint64_t c = off >> s->cluster_bits;
-		     c <= (off + len - 1) >> s->cluster_bits; c++) {
-			ret = qcow2_rc_get(bs, c, &rc);
-			if (ret < 0)
-				return ret;
-			if (rc >= s->rc_max)
-				return qcow2_set_errmsg(bs, -EINVAL, "Refcount "
-							"overflow");
-		}
+	if (ret < 0)
+		return ret;
+	if (*plen) {
+		off = qcow2_txn_alloc(x, *plen);
+		ret = off < 0 ? (int)off :
+		      bfile_pwrite(bs->file, (uint64_t)off, *pbuf, *plen);
 	}
-	return qcow2_rc_update(bs, off, len, addend);
-}
-
-/* Adds addend (+1, -1 or 0) to the refcount of every L2 table and every
- * cluster the L1 table l1 (n entries, host order) reaches, up to (not
- * including) *stop if stop is given, and sets OFLAG_COPIED in the
- * entries of l1 and of its L2 tables exactly where the refcount is now
- * 1. The L2 tables go back through the cache; the caller writes l1 if
- * *changed. On failure *at is where it stopped. */
-static int walk_tree(struct blk *bs, uint64_t *l1, uint32_t n, int addend,
-		     bool *changed, const struct walk_pos *stop,
-		     struct walk_pos *at)
-{
-	struct qcow2 *s = qcow2_state(bs);
-	uint64_t cs = s->cluster_size, rc;
-	unsigned per = 1u << s->l2_bits;
-	uint8_t *copy = malloc(cs), *t;
-	struct walk_pos pos = { 0, 0 };
-	int ret = 0;
-
-	if (!copy)
-		return -ENOMEM;
-	for (pos.i = 0; pos.i < n; pos.i++) {
-		uint64_t l2off = l1[pos.i] & QCOW2_OFFSET_MASK, ne;
-		bool dirty = false;
-
-		pos.j = 0;
-		if (!before(pos, stop))
-			break;
-		if (!l2off)
-			continue;
-		if (l2off & (cs - 1)) {
-			ret = bad_table(bs, "L2 table offset unaligned",
-					l2off);
-			goto out;
-		}
-		ret = qcow2_cache_get(bs, &s->l2c, l2off, false, &t);
-		if (ret < 0)
-			goto out;
-		memcpy(copy, t, cs);
-		for (pos.j = 0; pos.j < per && before(pos, stop); pos.j++) {
-			uint8_t *p = copy + (size_t)pos.j * s->l2_esize;
-			uint64_t en = ld_be64(p), off, len;
-
-			if (en & QCOW2_OFLAG_COMPRESSED) {
-				if (!addend)
-					continue;
-				qcow2_compressed_range(s, en, &off, &len);
-				ret = add_ref(bs, off, len, addend);
-				if (ret < 0)
-					goto out;
-				continue;
-			}
-			off = en & QCOW2_OFFSET_MASK;
-			if (!off)
-				continue;
-			if (off & (cs - 1)) {
-				ret = bad_table(bs, "data cluster offset "
-						"unaligned", off);
-				goto out;
-			}
-			if (addend) {
-				ret = add_ref(bs, off, cs, addend);
-				if (ret < 0)
-					goto out;
-			}
-			ret = qcow2_rc_get(bs, off >> s->cluster_bits, &rc);
-			if (ret < 0)
-				goto out;
-			ne = rc == 1 ? en | QCOW2_OFLAG_COPIED :
-			     en & ~QCOW2_OFLAG_COPIED;
-			if (ne != en) {
-				st_be64(p, ne);
-				dirty = true;
-			}
-		}
-		if (!before(pos, stop))
-			break;
-		if (addend) {
-			ret = add_ref(bs, l2off, cs, addend);
-			if (ret < 0)
-				goto out;
-		}
-		ret = qcow2_rc_get(bs, l2off >> s->cluster_bits, &rc);
-		if (ret < 0)
-			goto out;
-		/* a table nothing references any more is not written */
-		if (dirty && rc) {
-			ret = qcow2_cache_get(bs, &s->l2c, l2off, false, &t);
-			if (ret < 0)
-				goto out;
-			memcpy(t, copy, cs);
-			qcow2_cache_dirty(&s->l2c, t);
-		}
-		ne = rc == 1 ? l1[pos.i] | QCOW2_OFLAG_COPIED :
-		     l1[pos.i] & ~QCOW2_OFLAG_COPIED;
-		if (ne != l1[pos.i]) {
-			l1[pos.i] = ne;
-			*changed = true;
-		}
-	}
-out:
-	if (at)
-		*at = pos;
-	free(copy);
-	return ret;
-}
-
-/* walk_tree over the whole table; a failure of an increment takes back
- * the references it had added, so that a refused snapshot (refcount
- * overflow) leaves the refcounts as they were. */
-static int update_tree(struct blk *bs, uint64_t *l1, uint32_t n, int addend,
-		       bool *changed)
-{
-	struct walk_pos at;
-	int ret = walk_tree(bs, l1, n, addend, changed, NULL, &at);
-
-	if (ret < 0 && addend > 0)
-		(void)walk_tree(bs, l1, n, -addend, changed, &at, NULL);
-	return ret;
-}
-
-/* Writes n entries of l1 (host order) at off, zeroes up to total. */
-static int write_l1(struct blk *bs, uint64_t off, const uint64_t *l1,
-		    uint32_t n, uint32_t total)
-{
-	uint8_t *b = calloc(total ? total : 1, 8);
-	int ret;
-
-	if (!b)
-		return -ENOMEM;
-	for (uint32_t i = 0; i < n; i++)
-		st_be64(b + (size_t)i * 8, l1[i]);
-	ret = bfile_pwrite(bs->file, off, b, (size_t)total * 8);
-	free(b);
-	return ret;
-}
-
-/* The active L1 and its tables: refcounts to disk first, then the L2
- * tables, then the L1 table. */
-static int flush_active(struct blk *bs, bool l1_changed)
-{
-	struct qcow2 *s = qcow2_state(bs);
-	int ret = qcow2_cache_flush_all(bs);
-
-	if (!ret && l1_changed)
-		ret = write_l1(bs, s->l1_offset, s->l1, s->l1_size,
-			       s->l1_size);
-	if (!ret)
-		ret = bfile_flush(bs->file);
+	if (!ret && t->len)
+		ret = qcow2_txn_ref(x, qcow2_state(bs)->snapshots_offset,
+				    t->len, -1);
+	x->nb_snapshots = n;
+	x->snapshots_offset = (uint64_t)MAX(off, 0);
 	return ret;
 }
 
@@ -534,29 +387,51 @@ static void new_id(const struct sn_table *t, char *id, size_t len)
 	snprintf(id, len, "%lu", max + 1);
 }
 
-/* OFLAG_COPIED set again wherever the active tree is the only referrer,
- * then the active tables written. */
-static int settle_copied(struct blk *bs)
+/* The table entry of a new snapshot whose L1 table is at l1off. */
+static uint8_t *new_entry(struct blk *bs, const struct snapshot_info *sn,
+			  const char *id, uint64_t l1off, struct sn_raw *add)
 {
 	struct qcow2 *s = qcow2_state(bs);
-	bool changed = false;
-	int ret = update_tree(bs, s->l1, s->l1_size, 0, &changed);
+	size_t idl = strlen(id), nml = strlen(sn->name);
+	uint8_t *ent = calloc(1, 40 + SN_EXTRA + idl + nml);
 
-	return ret ? ret : flush_active(bs, changed);
+	if (!ent)
+		return NULL;
+	st_be64(ent, l1off);
+	st_be32(ent + 8, s->l1_size);
+	st_be16(ent + 12, (uint16_t)idl);
+	st_be16(ent + 14, (uint16_t)nml);
+	st_be32(ent + 16, sn->date_sec);
+	st_be32(ent + 20, sn->date_nsec);
+	st_be64(ent + 24, sn->vm_clock_nsec);
+	st_be32(ent + 32, (uint32_t)MIN(sn->vm_state_size, UINT32_MAX));
+	st_be32(ent + 36, SN_EXTRA);
+	st_be64(ent + 40, sn->vm_state_size);
+	st_be64(ent + 48, bs->size);
+	st_be64(ent + 56, sn->icount_valid ? sn->icount : UINT64_MAX);
+	memcpy(ent + 40 + SN_EXTRA, id, idl);
+	memcpy(ent + 40 + SN_EXTRA + idl, sn->name, nml);
+	add->raw = ent;
+	add->extra = SN_EXTRA;
+	add->idl = (uint32_t)idl;
+	add->nml = (uint32_t)nml;
+	return ent;
 }
 
+/* The snapshot takes the active L1 table where it is, with the L2 tables
+ * it reaches, and every cluster they reach gains a reference. The active
+ * tree continues in new copies: a new L1 table, and new L2 tables where
+ * OFLAG_COPIED must now be clear (see txn.c). */
 int qcow2_snapshot_create(struct blk *bs, const struct snapshot_info *sn,
 			  struct err *e)
 {
 	struct qcow2 *s = qcow2_state(bs);
-	uint64_t cs = s->cluster_size, l1bytes = (uint64_t)s->l1_size * 8;
+	struct qcow2_txn x = { 0 };
 	struct sn_table t;
 	struct sn_raw add = { 0 };
-	uint8_t *ent = NULL;
+	uint8_t *ent = NULL, *nbuf = NULL;
+	uint64_t nlen = 0;
 	char id[128];
-	size_t idl, nml;
-	int64_t l1off = 0;
-	bool changed = false;
 	int ret;
 
 	if (s->read_only)
@@ -578,69 +453,32 @@ int qcow2_snapshot_create(struct blk *bs, const struct snapshot_info *sn,
 		ret = -EFBIG;
 		goto out;
 	}
-	idl = strlen(id);
-	nml = strlen(sn->name);
-	ent = calloc(1, 40 + SN_EXTRA + idl + nml);
+	ent = new_entry(bs, sn, id, s->l1_offset, &add);
 	if (!ent) {
 		ret = -ENOMEM;
 		goto out;
 	}
-
-	/* 1. the copy of the active L1 table (referenced by nothing yet) */
-	if (l1bytes) {
-		l1off = qcow2_alloc_clusters(bs, DIV_ROUND_UP(l1bytes, cs));
-		if (l1off < 0) {
-			ret = (int)l1off;
-			l1off = 0;
-			goto out;
-		}
-		ret = write_l1(bs, (uint64_t)l1off, s->l1, s->l1_size,
-			       s->l1_size);
-		if (ret < 0)
-			goto out;
-	}
-	/* 2. one more reference for everything the active table reaches */
-	ret = update_tree(bs, s->l1, s->l1_size, 1, &changed);
+	ret = qcow2_txn_begin(bs, &x);
 	if (!ret)
-		ret = flush_active(bs, changed);
-	if (ret < 0)
-		goto out;
-
-	/* 3. the table entry, in a new table */
-	st_be64(ent, (uint64_t)l1off);
-	st_be32(ent + 8, s->l1_size);
-	st_be16(ent + 12, (uint16_t)idl);
-	st_be16(ent + 14, (uint16_t)nml);
-	st_be32(ent + 16, sn->date_sec);
-	st_be32(ent + 20, sn->date_nsec);
-	st_be64(ent + 24, sn->vm_clock_nsec);
-	st_be32(ent + 32, (uint32_t)MIN(sn->vm_state_size, UINT32_MAX));
-	st_be32(ent + 36, SN_EXTRA);
-	st_be64(ent + 40, sn->vm_state_size);
-	st_be64(ent + 48, bs->size);
-	st_be64(ent + 56, sn->icount_valid ? sn->icount : UINT64_MAX);
-	memcpy(ent + 40 + SN_EXTRA, id, idl);
-	memcpy(ent + 40 + SN_EXTRA + idl, sn->name, nml);
-	add.raw = ent;
-	add.extra = SN_EXTRA;
-	add.idl = (uint32_t)idl;
-	add.nml = (uint32_t)nml;
-	ret = table_write(bs, &t, -1, &add);
-	if (ret < 0)
-		goto out;
-	l1off = 0;
-out:
-	/* before the entry exists, its L1 copy is referenced by nothing */
-	if (ret < 0 && l1off > 0) {
-		qcow2_free_clusters(bs, (uint64_t)l1off,
-				    ALIGN_UP(l1bytes, cs));
-		(void)qcow2_cache_flush_all(bs);
+		ret = qcow2_txn_ref_tree(&x, s->l1, s->l1_size, 1);
+	if (!ret)
+		ret = qcow2_txn_write_l1(&x, false);
+	if (!ret)
+		ret = table_stage(&x, &t, -1, &add, &nbuf, &nlen);
+	if (!ret)
+		ret = qcow2_txn_commit(&x);
+	if (!ret) {
+		ret = table_adopt(bs, &t, nbuf, nlen, s->nb_snapshots);
+		nbuf = NULL;
 	}
+out:
 	if (ret == -EEXIST)
 		err_set(e, "Could not create snapshot '%s': %s", sn->name,
 			strerror(EEXIST));
 	else if (ret < 0 && !e->msg[0])
 		err_set(e, "%s", bs->errmsg[0] ? bs->errmsg : strerror(-ret));
+	qcow2_txn_free(&x);
+	free(nbuf);
 	free(ent);
 	table_free(&t);
 	return ret;
@@ -681,59 +519,17 @@ static int read_l1(struct blk *bs, uint64_t off, uint32_t n, uint64_t **out)
 	return 0;
 }
 
-/* A larger active L1 table in new clusters; the header points to it
- * once it is written. */
-static int grow_active_l1(struct blk *bs, uint32_t need)
-{
-	struct qcow2 *s = qcow2_state(bs);
-	uint64_t cs = s->cluster_size, *nl1;
-	uint8_t hdr[12];
-	int64_t off;
-	int ret;
-
-	nl1 = calloc(need, 8);
-	if (!nl1)
-		return -ENOMEM;
-	memcpy(nl1, s->l1, (size_t)s->l1_size * 8);
-	off = qcow2_alloc_clusters(bs, DIV_ROUND_UP((uint64_t)need * 8, cs));
-	if (off < 0) {
-		free(nl1);
-		return (int)off;
-	}
-	ret = write_l1(bs, (uint64_t)off, nl1, need, need);
-	if (!ret)
-		ret = qcow2_cache_flush_all(bs);
-	if (!ret)
-		ret = bfile_flush(bs->file);
-	if (ret < 0) {
-		free(nl1);
-		return ret;
-	}
-	st_be32(hdr, need);
-	st_be64(hdr + 4, (uint64_t)off);
-	ret = qcow2_write_header_field(bs, QH_L1_SIZE, hdr, 12);
-	if (ret < 0) {
-		free(nl1);
-		return ret;
-	}
-	if (s->l1_size)
-		qcow2_free_clusters(bs, s->l1_offset,
-				    ALIGN_UP((uint64_t)s->l1_size * 8, cs));
-	free(s->l1);
-	s->l1 = nl1;
-	s->l1_size = need;
-	s->l1_offset = (uint64_t)off;
-	return 0;
-}
-
+/* The active tree becomes a new copy of the snapshot's L1 table (the
+ * larger of the two sizes), the snapshot's tree gains a reference and
+ * the old active tree loses one. */
 int qcow2_snapshot_apply(struct blk *bs, const char *id_or_name,
 			 struct err *e)
 {
 	struct qcow2 *s = qcow2_state(bs);
+	struct qcow2_txn x = { 0 };
 	struct sn_table t;
-	uint64_t *snl1 = NULL, *old = NULL, dsize;
-	uint32_t snn, oldn;
-	bool changed = false;
+	uint64_t *snl1 = NULL, dsize;
+	uint32_t snn;
 	int i, ret;
 
 	i = ret = table_find(bs, &t, id_or_name, NULL, true);
@@ -750,72 +546,50 @@ int qcow2_snapshot_apply(struct blk *bs, const char *id_or_name,
 	ret = read_l1(bs, t.ent[i].l1_offset, snn, &snl1);
 	if (ret < 0)
 		goto out;
-	if (snn > s->l1_size) {
-		ret = grow_active_l1(bs, snn);
-		if (ret < 0)
-			goto out;
-	}
-	/* 1. the snapshot's tree gains the active table as a referrer */
-	ret = update_tree(bs, snl1, snn, 1, &changed);
-	if (!ret)
-		ret = qcow2_cache_flush_all(bs);
-	if (!ret)
-		ret = bfile_flush(bs->file);
+	ret = qcow2_txn_begin(bs, &x);
 	if (ret < 0)
 		goto out;
-	/* 2. the active table becomes the snapshot's, then the size */
-	oldn = s->l1_size;
-	old = s->l1;
-	s->l1 = calloc(oldn ? oldn : 1, 8);
-	if (!s->l1) {
-		s->l1 = old;
-		old = NULL;
-		ret = -ENOMEM;
-		goto out;
-	}
-	memcpy(s->l1, snl1, (size_t)snn * 8);
-	ret = write_l1(bs, s->l1_offset, s->l1, oldn, oldn);
-	if (!ret)
-		ret = bfile_flush(bs->file);
-	if (ret < 0)
-		goto out;
-	if (dsize != bs->size) {
-		uint8_t b[8];
+	if (snn > x.l1_size) {
+		uint64_t *p = realloc(x.l1, (size_t)snn * 8);
 
-		st_be64(b, dsize);
-		ret = qcow2_write_header_field(bs, QH_SIZE, b, 8);
-		if (!ret)
-			ret = bfile_flush(bs->file);
-		if (ret < 0)
+		if (!p) {
+			ret = -ENOMEM;
 			goto out;
-		bs->size = dsize;
+		}
+		x.l1 = p;
+		x.l1_size = snn;
 	}
-	/* 3. the old active tree loses that referrer */
-	changed = false;
-	ret = update_tree(bs, old, oldn, -1, &changed);
-	if (ret < 0)
-		goto out;
-	/* 4. OFLAG_COPIED where the active table is now the only one */
-	ret = settle_copied(bs);
+	memset(x.l1, 0, (size_t)x.l1_size * 8);
+	memcpy(x.l1, snl1, (size_t)snn * 8);
+	x.size = dsize;
+	ret = qcow2_txn_ref_tree(&x, snl1, snn, 1);
+	if (!ret)
+		ret = qcow2_txn_ref_tree(&x, s->l1, s->l1_size, -1);
+	if (!ret)
+		ret = qcow2_txn_write_l1(&x, true);
+	if (!ret)
+		ret = qcow2_txn_commit(&x);
 out:
 	if (ret < 0 && !e->msg[0] && ret != -ENOENT)
 		err_set(e, "%s", bs->errmsg[0] ? bs->errmsg : strerror(-ret));
+	qcow2_txn_free(&x);
 	free(snl1);
-	free(old);
 	table_free(&t);
 	return ret;
 }
 
 /* ---- delete ---- */
 
+/* The entry and its L1 table go, and everything its tree reaches loses
+ * a reference; the active tree is settled in new copies. */
 int qcow2_snapshot_delete(struct blk *bs, const char *id, const char *name,
 			  struct err *e)
 {
-	struct qcow2 *s = qcow2_state(bs);
+	struct qcow2_txn x = { 0 };
 	struct sn_table t;
-	uint64_t *l1 = NULL, l1off;
+	uint64_t *l1 = NULL, l1off, nlen = 0;
+	uint8_t *nbuf = NULL;
 	uint32_t n;
-	bool changed = false;
 	int i, ret;
 
 	i = ret = table_find(bs, &t, id, name, false);
@@ -826,26 +600,29 @@ int qcow2_snapshot_delete(struct blk *bs, const char *id, const char *name,
 	ret = read_l1(bs, l1off, n, &l1);
 	if (ret < 0)
 		goto out;
-	/* 1. the entry goes; its tree is then referenced by nothing */
-	ret = table_write(bs, &t, i, NULL);
-	if (ret < 0) {
-		err_set(e, "Failed to remove snapshot from snapshot list");
-		goto out;
-	}
-	/* 2. its references go */
-	ret = update_tree(bs, l1, n, -1, &changed);
+	ret = qcow2_txn_begin(bs, &x);
+	if (!ret)
+		ret = qcow2_txn_ref_tree(&x, l1, n, -1);
+	if (!ret)
+		ret = qcow2_txn_ref(&x, l1off, (uint64_t)n * 8, -1);
 	if (ret < 0) {
 		err_set(e, "Failed to free the cluster and L1 table");
 		goto out;
 	}
-	if (n)
-		qcow2_free_clusters(bs, l1off, ALIGN_UP((uint64_t)n * 8,
-							s->cluster_size));
-	/* 3. OFLAG_COPIED where the active table is now the only one */
-	ret = settle_copied(bs);
-	if (ret < 0)
-		err_set(e, "Failed to update snapshot status in disk");
+	ret = qcow2_txn_write_l1(&x, true);
+	if (!ret)
+		ret = table_stage(&x, &t, i, NULL, &nbuf, &nlen);
+	if (!ret)
+		ret = qcow2_txn_commit(&x);
+	if (ret < 0) {
+		err_set(e, "Failed to remove snapshot from snapshot list");
+		goto out;
+	}
+	ret = table_adopt(bs, &t, nbuf, nlen, x.nb_snapshots);
+	nbuf = NULL;
 out:
+	qcow2_txn_free(&x);
+	free(nbuf);
 	free(l1);
 	table_free(&t);
 	return ret;
@@ -865,7 +642,7 @@ int qcow2_snapshot_table_upgrade(struct blk *bs)
 		if (t.ent[i].extra < 16)
 			need = true;
 	if (!ret && need)
-		ret = table_write(bs, &t, -1, NULL);
+		ret = table_write(bs, &t);
 	table_free(&t);
 	return ret;
 }
