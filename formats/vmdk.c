@@ -572,6 +572,7 @@ static int parse_extents(struct blk *bs, const char *desc, struct err *e)
 	for (const char *p = desc; *p; p = next_line(p)) {
 		char access[11], type[11], fname[512], *path;
 		int64_t sectors = 0, off = -1;
+		struct blk_ref ref;
 		struct bfile *f;
 		struct vmdk_extent *x;
 		bool flat;
@@ -595,6 +596,9 @@ static int parse_extents(struct blk *bs, const char *desc, struct err *e)
 		    strcmp(type, "SPARSE") && strcmp(type, "VMFS") &&
 		    strcmp(type, "VMFSSPARSE") && strcmp(type, "SESPARSE")))
 			continue;
+		ret = blk_ref_check(bs, "extent", fname, &ref, e);
+		if (ret < 0)
+			return ret;
 		path = blk_relative_path(bs->filename, fname);
 		if (!path)
 			return -ENOMEM;
@@ -605,7 +609,9 @@ static int parse_extents(struct blk *bs, const char *desc, struct err *e)
 		if (ret < 0)
 			return ret;
 		flat = !strcmp(type, "FLAT") || !strcmp(type, "VMFS");
-		ret = blk_lock_file(bs, f, !flat, e);
+		ret = blk_ref_opened(bs, "extent", fname, &ref, f, e);
+		if (!ret)
+			ret = blk_lock_file(bs, f, !flat, e);
 		if (ret < 0) {
 			bfile_close(f);
 			return ret;

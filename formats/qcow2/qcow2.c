@@ -382,6 +382,13 @@ static int qcow2_open(struct blk *bs, struct err *e)
 		goto out;
 	}
 	if (s->incompat & QCOW2_INCOMPAT_DATAFILE) {
+		struct blk_ref ref;
+
+		ret = s->datafile_name ? blk_ref_check(bs, "data file",
+						       s->datafile_name, &ref,
+						       e) : 0;
+		if (ret < 0)
+			goto out;
 		err_set(e, "External data files are not supported in this "
 			"build");
 		ret = -ENOTSUP;
