@@ -488,6 +488,13 @@ static int open_sparse(struct blk *bs, struct bfile *f, bool own,
 		err_set(e, "Image too large");
 		return -EFBIG;
 	}
+	ret = blk_meta_alloc(bs, 4ULL * (table_avail(gd * SECTOR,
+				(uint32_t)gd_n, (uint64_t)fsize) +
+				(rgd ? table_avail(rgd * SECTOR, (uint32_t)gd_n,
+						   (uint64_t)fsize) : 0)),
+			     "grain directory", e);
+	if (ret < 0)
+		return ret;
 
 	ret = add_extent(s, &x, e);
 	if (ret < 0)
