@@ -172,6 +172,9 @@ int info_main(int argc, char **argv)
 			die("Could not open '%s': %s", filename, e.msg);
 		o = image_info(bs);
 		if (HAS(backing_chain)) {
+			if (blk_backing_allowed(bs, &e) < 0)
+				die("Could not open '%s': %s", filename,
+				    e.msg);
 			next = blk_backing_path(bs);
 			free(fmt_owned);
 			fmt = fmt_owned = bs->backing_fmt &&

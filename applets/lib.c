@@ -114,6 +114,32 @@ void die_usage(const char *fmt, ...)
 void print_usage(const struct applet *a, FILE *f)
 {
 	fputs(a->usage, f);
+	if (strncmp(a->name, "img-", 4))
+		return;
+	fputs("\nEvery command also takes:\n"
+	      "  --untrusted   the image may be hostile: the files it names "
+	      "must be regular\n"
+	      "                files in its directory, its tables are capped "
+	      "(also\n"
+	      "                IMGBOX_UNTRUSTED=1; IMGBOX_UNTRUSTED=0 turns it "
+	      "off)\n", f);
+}
+
+/* The untrusted-image default of this process: the build's, then
+ * IMGBOX_UNTRUSTED (1 on, 0 off); --untrusted turns it on. Once: the
+ * qemu-img applet may have seen --untrusted before the command's. */
+void untrusted_from_env(void)
+{
+	static bool done;
+	const char *v = getenv("IMGBOX_UNTRUSTED");
+	bool on = ENABLE_UNTRUSTED_DEFAULT;
+
+	if (done)
+		return;
+	done = true;
+	if (v && v[0])
+		on = strcmp(v, "0") != 0;
+	blk_set_untrusted(on);
 }
 
 /* Builds getopt_long tables from the applet's strings. Bits: short
@@ -123,7 +149,7 @@ int opts_parse(int argc, char **argv)
 {
 	const struct applet *a = cur_applet;
 	char shortopts[128];
-	struct option lo[64];
+	struct option lo[66];
 	int bit_of_char[256], list_bit[64] = { 0 };
 	int nlo = 0, bit = 0, si = 0, c;
 	const char *p;
@@ -186,7 +212,13 @@ int opts_parse(int argc, char **argv)
 	lo[nlo].flag = NULL;
 	lo[nlo].val = 0x2000;
 	nlo++;
+	lo[nlo].name = "untrusted";
+	lo[nlo].has_arg = no_argument;
+	lo[nlo].flag = NULL;
+	lo[nlo].val = 0x2001;
+	nlo++;
 	memset(&lo[nlo], 0, sizeof(lo[nlo]));
+	untrusted_from_env();
 
 	optind = 0;
 	opterr = 0;
@@ -211,6 +243,10 @@ int opts_parse(int argc, char **argv)
 			print_usage(a, stdout);
 			exit(0);
 		}
+		if (c == 0x2001) {
+			blk_set_untrusted(true);
+			continue;
+		}
 		b = c >= 0x1000 ? c - 0x1000 : bit_of_char[c & 255];
 		if (b < 0)
 			continue;
@@ -227,7 +263,7 @@ int opts_parse(int argc, char **argv)
 				opts.arg[b] = optarg;
 		}
 	}
-	for (int i = 0; i < nlo - 1; i++)
+	for (int i = 0; i < nlo - 2; i++)
 		free((char *)lo[i].name);
 	return optind;
 }

@@ -11,6 +11,8 @@
 //config:	    -h, --help      this text
 //config:	    -V, --version   the qemu-img version this imgbox follows
 //config:	    -T, --trace     QEMU's tracing switch: accepted, no effect
+//config:	    --untrusted     every image may be hostile (imgbox; also
+//config:	                    after the command, see its --help)
 //config:
 //config:	  Commands are the img-* applets without their prefix;
 //config:	  'qemu-img COMMAND --help' describes one.
@@ -27,7 +29,10 @@ void qemu_img_help(void)
 	       "    -h, --help      this text\n"
 	       "    -V, --version   the qemu-img version this imgbox follows\n"
 	       "    -T, --trace     QEMU's tracing switch: accepted, no "
-	       "effect\n\n"
+	       "effect\n"
+	       "    --untrusted     every image may be hostile (imgbox; also "
+	       "after the command,\n"
+	       "                    see its --help)\n\n"
 	       "Command syntax:\n", QEMU_COMPAT_VERSION, IMGBOX_VERSION);
 	for (int i = 0; i < applet_count; i++) {
 		const char *u = applets[i].usage, *nl;
@@ -67,6 +72,11 @@ int qemu_img_main(int argc, char **argv)
 			       "binary\n",
 			       QEMU_COMPAT_VERSION, IMGBOX_VERSION);
 			return 0;
+		}
+		if (!strcmp(o, "--untrusted")) {
+			untrusted_from_env();
+			blk_set_untrusted(true);
+			continue;
 		}
 		if (!strcmp(o, "-T") || !strcmp(o, "--trace")) {
 			if (++i >= argc)

@@ -110,6 +110,7 @@ static int blk_open_depth(struct blk **pbs, const char *filename,
 static int open_backing(struct blk *bs, int depth, uint64_t *devs,
 			uint64_t *inos, struct err *e)
 {
+	struct blk_ref ref;
 	struct err be;
 	int ret;
 
@@ -125,20 +126,29 @@ static int open_backing(struct blk *bs, int depth, uint64_t *devs,
 	if (!bs->backing_path)
 		return -ENOMEM;
 	be.msg[0] = 0;
-	ret = blk_open_depth(&bs->backing, bs->backing_path,
-			     bs->backing_fmt && bs->backing_fmt[0] ?
-			     bs->backing_fmt : NULL,
-			     bs->flags & (BLK_O_SHARE | BLK_O_NO_SHARE |
-					  BLK_O_NO_IO), bs->cache,
-			     depth + 1, devs, inos, &be);
-	if (ret < 0) {
-		if (ret == -ELOOP)
-			err_set(e, "%s", be.msg);
-		else
-			err_set(e, "Could not open backing file: %s", be.msg);
-		return ret;
+	ret = blk_ref_check(bs, "backing file", bs->backing_file, &ref, &be);
+	if (!ret)
+		ret = blk_open_depth(&bs->backing, bs->backing_path,
+				     bs->backing_fmt && bs->backing_fmt[0] ?
+				     bs->backing_fmt : NULL,
+				     bs->flags & (BLK_O_SHARE | BLK_O_NO_SHARE |
+						  BLK_O_NO_IO |
+						  BLK_O_UNTRUSTED), bs->cache,
+				     depth + 1, devs, inos, &be);
+	if (!ret) {
+		ret = blk_ref_opened(bs, "backing file", bs->backing_file,
+				     &ref, bs->backing->file, &be);
+		if (ret < 0) {
+			blk_close(bs->backing);
+			bs->backing = NULL;
+		}
 	}
-	return 0;
+	if (ret == -ELOOP ||
+	    (ret == -EPERM && (bs->flags & BLK_O_UNTRUSTED)))
+		err_set(e, "%s", be.msg);
+	else if (ret < 0)
+		err_set(e, "Could not open backing file: %s", be.msg);
+	return ret;
 }
 
 int blk_open_backing(struct blk *bs, struct err *e)
@@ -315,8 +325,8 @@ int blk_open(struct blk **pbs, const char *filename, const char *fmt,
 	uint64_t devs[BLK_MAX_CHAIN];
 	uint64_t inos[BLK_MAX_CHAIN];
 
-	return blk_open_depth(pbs, filename, fmt, flags, cache, 0, devs, inos,
-			      e);
+	return blk_open_depth(pbs, filename, fmt, flags | blk_default_flags(),
+			      cache, 0, devs, inos, e);
 }
 
 void blk_close(struct blk *bs)

@@ -235,6 +235,9 @@ static int qed_do_open(struct blk *bs, struct err *e)
 		}
 	}
 
+	if (blk_meta_alloc(bs, 2ULL * s->table_bytes, "QED L1 and L2 tables",
+			   e) < 0)
+		return -EFBIG;
 	s->l1 = malloc(s->table_bytes);
 	s->l2 = malloc(s->table_bytes);
 	if (!s->l1 || !s->l2)

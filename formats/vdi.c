@@ -159,6 +159,8 @@ static int vdi_open(struct blk *bs, struct err *e)
 	if ((uint64_t)s->bmap_off + bmap_len > (uint64_t)fsize)
 		return fmt_err(e, -EINVAL, "VDI block map is beyond the end "
 			       "of the file");
+	if (blk_meta_alloc(bs, bmap_len, "VDI block map", e) < 0)
+		return -EFBIG;
 	s->bmap = malloc(bmap_len ? bmap_len : 1);
 	if (!s->bmap)
 		return fmt_err(e, -ENOMEM, "Could not allocate the VDI block "

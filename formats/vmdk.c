@@ -488,6 +488,13 @@ static int open_sparse(struct blk *bs, struct bfile *f, bool own,
 		err_set(e, "Image too large");
 		return -EFBIG;
 	}
+	ret = blk_meta_alloc(bs, 4ULL * (table_avail(gd * SECTOR,
+				(uint32_t)gd_n, (uint64_t)fsize) +
+				(rgd ? table_avail(rgd * SECTOR, (uint32_t)gd_n,
+						   (uint64_t)fsize) : 0)),
+			     "grain directory", e);
+	if (ret < 0)
+		return ret;
 
 	ret = add_extent(s, &x, e);
 	if (ret < 0)
@@ -572,6 +579,7 @@ static int parse_extents(struct blk *bs, const char *desc, struct err *e)
 	for (const char *p = desc; *p; p = next_line(p)) {
 		char access[11], type[11], fname[512], *path;
 		int64_t sectors = 0, off = -1;
+		struct blk_ref ref;
 		struct bfile *f;
 		struct vmdk_extent *x;
 		bool flat;
@@ -595,6 +603,9 @@ static int parse_extents(struct blk *bs, const char *desc, struct err *e)
 		    strcmp(type, "SPARSE") && strcmp(type, "VMFS") &&
 		    strcmp(type, "VMFSSPARSE") && strcmp(type, "SESPARSE")))
 			continue;
+		ret = blk_ref_check(bs, "extent", fname, &ref, e);
+		if (ret < 0)
+			return ret;
 		path = blk_relative_path(bs->filename, fname);
 		if (!path)
 			return -ENOMEM;
@@ -605,7 +616,9 @@ static int parse_extents(struct blk *bs, const char *desc, struct err *e)
 		if (ret < 0)
 			return ret;
 		flat = !strcmp(type, "FLAT") || !strcmp(type, "VMFS");
-		ret = blk_lock_file(bs, f, !flat, e);
+		ret = blk_ref_opened(bs, "extent", fname, &ref, f, e);
+		if (!ret)
+			ret = blk_lock_file(bs, f, !flat, e);
 		if (ret < 0) {
 			bfile_close(f);
 			return ret;

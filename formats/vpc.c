@@ -197,6 +197,9 @@ static int vpc_open_dynamic(struct blk *bs, uint64_t sectors,
 			" bytes is too large", bat_len);
 		return -EFBIG;
 	}
+	ret = blk_meta_alloc(bs, bat_len, "VHD block allocation table", e);
+	if (ret < 0)
+		return ret;
 	s->bat = malloc(bat_len ? bat_len : 1);
 	if (!s->bat) {
 		err_set(e, "Could not allocate the VHD block allocation table");

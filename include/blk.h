@@ -164,6 +164,10 @@ int parse_size(const char *s, uint64_t *out);
 #define BLK_O_NO_SHARE		0x80	/* nobody may write it meanwhile
 					   (convert source, as qemu-img) */
 #define BLK_O_RESIZE		0x100	/* may change the size (resize) */
+/* Untrusted image (DESIGN.md): the files it names are confined to its
+ * directory, its tables to BLK_UNTRUSTED_TABLE / _TOTAL bytes. Backing
+ * files inherit it; blk_open adds it when blk_set_untrusted(true). */
+#define BLK_O_UNTRUSTED		0x200
 
 #define BLK_MAX_CHAIN		64	/* backing chain depth cap */
 
@@ -186,7 +190,12 @@ struct blk {
 	struct blk *backing;
 	pthread_mutex_t lock;		/* serialises callbacks (recursive) */
 	char errmsg[512];		/* detail for the last -errno, if any */
+	uint64_t meta_bytes;		/* tables counted by blk_meta_alloc */
 };
+
+/* The process default of BLK_O_UNTRUSTED for every blk_open (--untrusted,
+ * IMGBOX_UNTRUSTED, CONFIG_UNTRUSTED_DEFAULT, decided by the applets). */
+void blk_set_untrusted(bool on);
 
 /* Opens filename with format fmt (NULL: probe). Opens the backing chain
  * unless BLK_O_NO_BACKING. Message in e on failure. */
@@ -198,6 +207,10 @@ int blk_strip_protocol(const char *name, const char **out, struct err *e);
 /* Path the recorded backing file name resolves to (relative names are
  * relative to the image's directory); malloc'd, NULL if none. */
 char *blk_backing_path(const struct blk *bs);
+/* The untrusted-image policy on bs's recorded backing file name, for a
+ * caller that opens it itself (info --backing-chain): 0, or -EPERM with
+ * the refusal in e. */
+int blk_backing_allowed(const struct blk *bs, struct err *e);
 /* Open the backing chain of an image opened with BLK_O_NO_BACKING. */
 int blk_open_backing(struct blk *bs, struct err *e);
 

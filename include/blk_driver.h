@@ -110,6 +110,36 @@ const struct blk_driver *blk_probe(const uint8_t *buf, size_t len,
 /* A file name another file names (backing file, extent): relative to the
  * directory of image unless absolute. malloc'd; NULL without memory. */
 char *blk_relative_path(const char *image, const char *name);
+
+/* ---- the untrusted-image policy (block/untrusted.c); both pass
+ * everything without BLK_O_UNTRUSTED ---- */
+/* What blk_ref_check saw of a file an image names, for blk_ref_opened. */
+struct blk_ref {
+	uint64_t dev, ino;
+	bool checked;
+};
+/* Before opening name, recorded in bs as what ("backing file", "extent",
+ * "data file"): -EPERM with a message naming both when it is a protocol,
+ * json:, absolute, has a '..' component, resolves outside bs's directory
+ * or is not a regular file. */
+int blk_ref_check(const struct blk *bs, const char *what, const char *name,
+		  struct blk_ref *ref, struct err *e);
+/* After opening it as f: still the file that was checked. */
+int blk_ref_opened(const struct blk *bs, const char *what, const char *name,
+		   const struct blk_ref *ref, const struct bfile *f,
+		   struct err *e);
+/* Memory an image makes us allocate, sized from its contents: call before
+ * allocating a table of bytes (what: "L1 table", ...); -EFBIG with a
+ * message (in e, else bs->errmsg) over BLK_UNTRUSTED_TABLE for one table
+ * or BLK_UNTRUSTED_TOTAL for all tables of bs. blk_meta_free gives back
+ * what a table freed before close had taken. */
+#define BLK_UNTRUSTED_TABLE	(16ULL << 20)
+#define BLK_UNTRUSTED_TOTAL	(64ULL << 20)
+int blk_meta_alloc(struct blk *bs, uint64_t bytes, const char *what,
+		   struct err *e);
+void blk_meta_free(struct blk *bs, uint64_t bytes);
+unsigned blk_default_flags(void);
+
 /* For block/convert.c: the driver's write_precompressed under bs->lock. */
 int blk_write_precompressed(struct blk *bs, uint64_t off, const void *cbuf,
 			    size_t clen);

@@ -43,6 +43,9 @@ extern const struct applet *cur_applet;
 /* Parses argv by cur_applet's option strings into opts; returns optind.
  * Unknown options and missing arguments die with qemu-img's messages. */
 int opts_parse(int argc, char **argv);
+/* Sets blk_set_untrusted() from the build default and IMGBOX_UNTRUSTED
+ * (opts_parse does, before it sees --untrusted). */
+void untrusted_from_env(void);
 
 void msg(const char *fmt, ...) PRINTF(1, 2);		/* "prog: ...\n" */
 void vmsg(const char *fmt, va_list ap);

@@ -103,6 +103,9 @@ static int ck_resize(struct ck *c, uint64_t n)
 	if (bytes > CK_MAX_ARRAY_BYTES)
 		return -ENOMEM;
 	if (bytes > c->rc_bytes) {
+		if (blk_meta_alloc(c->bs, bytes - c->rc_bytes,
+				   "refcount check array", NULL) < 0)
+			return -EFBIG;
 		p = realloc(c->rc, bytes);
 		if (!p)
 			return -ENOMEM;
@@ -1398,6 +1401,7 @@ int qcow2_check(struct blk *bs, struct check_result *res, int fix)
 	}
 	ret = check_refcounts(&c, fix);
 	free(c.rc);
+	blk_meta_free(bs, c.rc_bytes);
 	if (!ret && sn_bad && (fix & CHECK_FIX_ERRORS) &&
 	    qcow2_snapshot_table_upgrade) {
 		ret = qcow2_cache_flush_all(bs);

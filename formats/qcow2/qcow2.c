@@ -196,6 +196,9 @@ static int read_snapshots(struct blk *bs, struct err *e)
 
 	if (!s->nb_snapshots)
 		return 0;
+	if (blk_meta_alloc(bs, (uint64_t)s->nb_snapshots * sizeof(*s->sn),
+			   "snapshot table", e) < 0)
+		return -EFBIG;
 	s->sn = calloc(s->nb_snapshots, sizeof(*s->sn));
 	if (!s->sn)
 		return -ENOMEM;
@@ -382,6 +385,13 @@ static int qcow2_open(struct blk *bs, struct err *e)
 		goto out;
 	}
 	if (s->incompat & QCOW2_INCOMPAT_DATAFILE) {
+		struct blk_ref ref;
+
+		ret = s->datafile_name ? blk_ref_check(bs, "data file",
+						       s->datafile_name, &ref,
+						       e) : 0;
+		if (ret < 0)
+			goto out;
 		err_set(e, "External data files are not supported in this "
 			"build");
 		ret = -ENOTSUP;
@@ -457,6 +467,9 @@ static int qcow2_open(struct blk *bs, struct err *e)
 			goto out;
 		}
 	}
+	ret = blk_meta_alloc(bs, (uint64_t)s->l1_size * 8, "L1 table", e);
+	if (ret < 0)
+		goto out;
 	s->l1 = calloc(s->l1_size ? s->l1_size : 1, 8);
 	if (!s->l1) {
 		ret = -ENOMEM;

@@ -172,6 +172,8 @@ int qcow2_refcount_init(struct blk *bs, struct err *e)
 		err_set(e, "Reference count table too large");
 		return -EINVAL;
 	}
+	if (blk_meta_alloc(bs, bytes, "refcount table", e) < 0)
+		return -EFBIG;
 	s->rt_size = bytes / 8;
 	s->rt = calloc(s->rt_size ? s->rt_size : 1, 8);
 	buf = malloc(bytes ? bytes : 1);

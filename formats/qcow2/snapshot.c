@@ -497,6 +497,11 @@ static int read_l1(struct blk *bs, uint64_t off, uint32_t n, uint64_t **out)
 	if ((uint64_t)n * 8 > QCOW2_MAX_L1_BYTES)
 		return qcow2_set_errmsg(bs, -EFBIG, "Snapshot L1 table too "
 					"large");
+	/* transient: it must fit in what the image has left */
+	if (blk_meta_alloc(bs, (uint64_t)n * 8, "snapshot L1 table",
+			   NULL) < 0)
+		return -EFBIG;
+	blk_meta_free(bs, (uint64_t)n * 8);
 	if (n && (off & (s->cluster_size - 1) || !off))
 		return qcow2_set_errmsg(bs, -EINVAL, "Snapshot L1 table "
 					"offset invalid");

@@ -187,6 +187,12 @@ int vhdx_log_open(struct blk *bs, struct err *e)
 	}
 	/* One pass over the log: which sectors start a valid entry. */
 	nsec = c.len / LOG_SECTOR;
+	ret = blk_meta_alloc(bs, nsec * (2 * sizeof(*seqs) + sizeof(*lens) +
+					 sizeof(*first)), "VHDX log index", e);
+	if (ret < 0)
+		return ret;
+	blk_meta_free(bs, nsec * (2 * sizeof(*seqs) + sizeof(*lens) +
+				  sizeof(*first)));
 	seqs = calloc(nsec, sizeof(*seqs));
 	lens = calloc(nsec, sizeof(*lens));
 	first = calloc(nsec, sizeof(*first));

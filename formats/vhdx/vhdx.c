@@ -404,6 +404,9 @@ static int vhdx_read_bat(struct blk *bs, struct err *e)
 		err_set(e, "VHDX BAT is too large");
 		return -EFBIG;
 	}
+	ret = blk_meta_alloc(bs, s->bat_entries * 8, "VHDX BAT", e);
+	if (ret < 0)
+		return ret;
 	s->bat = malloc(s->bat_entries ? s->bat_entries * 8 : 8);
 	if (!s->bat)
 		return -ENOMEM;
