@@ -49,6 +49,10 @@ static int txn_grow(struct qcow2_txn *t, uint64_t n)
 		return qcow2_set_errmsg(t->bs, -ENOMEM, "Image too large "
 					"for a metadata update in memory");
 	if (blocks > t->blocks) {
+		int ret = blk_meta_alloc(t->bs, (blocks - t->blocks) * cs,
+					 "refcount update", NULL);
+		if (ret < 0)
+			return ret;
 		p = realloc(t->rc, bytes);
 		if (!p)
 			return -ENOMEM;
