@@ -60,6 +60,20 @@
 #   nonzero_bytes FILE      number of bytes in FILE that are not zero
 #   seq_data LENGTH         LENGTH bytes of position-dependent text, for
 #                           source files whose every block is different
+#   kill_sweep IMG CMD...   crash safety: copies IMG to t.EXT (EXT: IMG's
+#                           extension) and runs CMD (which names t.EXT)
+#                           killed at its write 1, 2, ... (IMGBOX_FAULT=
+#                           write:kill:n) until it completes; past the 8th
+#                           the stops spread out (n grows by n/8 + 1). After
+#                           each stop the real qemu-img check must find the
+#                           copy clean or with leaks only (or not check its
+#                           format), and every 512-byte block of its disk
+#                           must be the one from before or after CMD. OTHER
+#                           names a second image CMD changes (a commit's
+#                           base), restored from $OTHER.orig each time and
+#                           checked too; READ the image whose disk is
+#                           compared (default t.EXT). Prints a line per bad stop, then
+#                           "swept" after at least MIN (3) stops.
 
 _tl_skip_rest=
 _tl_skip_next=
@@ -435,4 +449,70 @@ nonzero_bytes()
 seq_data()
 {
   seq -f '%015g' 1 $(( $1 / 16 + 1 )) | head -c "$1"
+}
+
+# ---- crash sweeps ----
+
+# _tl_blocks RAW: the 512-byte blocks of a raw file, a line each
+_tl_blocks() { od -An -v -tx8 -w512 "$1"; }
+
+# _tl_mixed OLD NEW NOW: how many blocks (lines of _tl_blocks) of NOW are
+# neither those of OLD nor those of NEW (a block past the end of NEW,
+# which a shrink drops, may read as anything)
+_tl_mixed()
+{
+  paste -d '|' "$1" "$2" "$3" |
+    awk -F '|' '$2 != "" && $3 != $1 && $3 != $2 { n++ } END { print n + 0 }'
+}
+
+# _tl_checked IMG: nothing if the real qemu-img check finds IMG clean or
+# with leaks only, or cannot check its format at all; else what it says
+_tl_checked()
+{
+  $ORACLE_IMG check -q "$1" > /dev/null 2>&1
+  case $? in
+  0|3) ;;
+  63) $ORACLE_IMG check "$1" 2>&1 | grep -q "does not support checks" ||
+        echo "check 63" ;;
+  *) echo "check $?" ;;
+  esac
+}
+
+kill_sweep()
+{
+  local img=$1 t=t.${1##*.} n=1 rc f stops=0 bad r
+  shift
+  r=${READ:-$t}
+  cp "$img" $t
+  [ -z "$OTHER" ] || cp "$OTHER.orig" "$OTHER"
+  $ORACLE_IMG convert -U -O raw $r old.raw
+  "$@" > /dev/null 2>&1 || { echo "the command fails"; return; }
+  $ORACLE_IMG convert -U -O raw $r new.raw || { echo "unreadable after"; return; }
+  _tl_blocks old.raw > before
+  _tl_blocks new.raw > after
+  while :; do
+    cp "$img" $t
+    [ -z "$OTHER" ] || cp "$OTHER.orig" "$OTHER"
+    IMGBOX_FAULT=write:kill:$n "$@" > /dev/null 2>&1 &
+    wait $! 2> /dev/null
+    rc=$?
+    for f in $t $OTHER; do
+      bad=$(_tl_checked $f)
+      [ -z "$bad" ] || echo "stop $n: $f: $bad"
+    done
+    if $ORACLE_IMG convert -U -O raw $r t.raw 2> /dev/null; then
+      if ! cmp -s t.raw old.raw && ! cmp -s t.raw new.raw; then
+        _tl_blocks t.raw > now
+        [ "$(_tl_mixed before after now)" = 0 ] ||
+          echo "stop $n: blocks neither old nor new"
+      fi
+    else
+      echo "stop $n: unreadable"
+    fi
+    [ $rc = 137 ] || break
+    n=$((n + 1 + n / 8))
+    stops=$((stops + 1))
+    [ $stops -le 500 ] || { echo "no end"; break; }
+  done
+  [ $stops -ge "${MIN:-3}" ] && echo swept || echo "only $stops stops"
 }
