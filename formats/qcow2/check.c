@@ -1078,11 +1078,7 @@ static int rebuild(struct ck *c)
 				 strerror(-ret));
 		goto fail;
 	}
-	free(s->rt);
-	s->rt = rt;
-	s->rt_size = n;
-	s->rt_offset = (uint64_t)rt_off;
-	s->rt_clusters = (uint32_t)tc;
+	qcow2_set_rt(s, rt, n, (uint64_t)rt_off, (uint32_t)tc);
 	s->free_hint = 0;
 	s->free_byte_off = 0;
 	free(buf);

@@ -266,6 +266,10 @@ int qcow2_rc_update(struct blk *bs, uint64_t off, uint64_t len,
 int64_t qcow2_alloc_clusters(struct blk *bs, uint64_t n);
 int64_t qcow2_alloc_bytes(struct blk *bs, uint64_t len);
 void qcow2_free_clusters(struct blk *bs, uint64_t off, uint64_t len);
+/* s uses the refcount table rt (n entries, host order; s takes it) that
+ * the header now points to at off, of the given clusters */
+void qcow2_set_rt(struct qcow2 *s, uint64_t *rt, uint64_t n, uint64_t off,
+		  uint32_t clusters);
 /* drop the reference an L2 entry holds */
 void qcow2_free_l2_entry(struct blk *bs, uint64_t entry);
 

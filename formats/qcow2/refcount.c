@@ -345,12 +345,8 @@ static int grow_rt(struct blk *bs, uint64_t min_entries)
 	ret = bfile_flush(bs->file);
 	if (ret < 0)
 		goto out;
-	free(s->rt);
-	s->rt = nrt;
+	qcow2_set_rt(s, nrt, entries, (ci0 + nb) * cs, (uint32_t)tc);
 	nrt = NULL;
-	s->rt_size = entries;
-	s->rt_offset = (ci0 + nb) * cs;
-	s->rt_clusters = (uint32_t)tc;
 	if (s->free_hint < end)
 		s->free_hint = end;
 	/* area clusters that fall into blocks that existed before */
@@ -533,6 +529,16 @@ int64_t qcow2_alloc_bytes(struct blk *bs, uint64_t len)
 		return ret;
 	s->free_byte_off = (off + len) & (cs - 1) ? off + len : 0;
 	return (int64_t)off;
+}
+
+void qcow2_set_rt(struct qcow2 *s, uint64_t *rt, uint64_t n, uint64_t off,
+		  uint32_t clusters)
+{
+	free(s->rt);
+	s->rt = rt;
+	s->rt_size = n;
+	s->rt_offset = off;
+	s->rt_clusters = clusters;
 }
 
 void qcow2_free_clusters(struct blk *bs, uint64_t off, uint64_t len)

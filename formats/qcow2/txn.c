@@ -458,12 +458,8 @@ int qcow2_txn_commit(struct qcow2_txn *t)
 	if (ret < 0)
 		goto out;
 	/* the new structure is the image now */
-	free(s->rt);
-	s->rt = rt;
+	qcow2_set_rt(s, rt, n, rt_off, (uint32_t)rt_cl);
 	rt = NULL;
-	s->rt_size = n;
-	s->rt_offset = rt_off;
-	s->rt_clusters = (uint32_t)rt_cl;
 	free(s->l1);
 	s->l1 = t->l1;
 	t->l1 = NULL;
