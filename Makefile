@@ -122,9 +122,18 @@ $(SANBUILD)/unit/%: tests/unit/%.c $(LIB_SAN_OBJS)
 	@mkdir -p $(dir $@)
 	$(SAN_CC) $(SAN_CFLAGS) $(SAN_LDFLAGS) -o $@ $< $(LIB_SAN_OBJS) $(LIBS)
 
-check: $(OUT) $(SANBUILD)/imgbox $(UNIT_BINS) $(TSANBUILD)/imgbox
+# A small static build whose every image is untrusted by default
+# (configs/untrusted_defconfig), for tests/untrusted.test.
+UTBUILD := build/untrusted
+untrusted-build:
+	@$(MAKE) --no-print-directory CONFIG=$(UTBUILD)/.config \
+		DEFCONFIG=configs/untrusted_defconfig GEN=$(UTBUILD)/generated \
+		BUILD=$(UTBUILD) OUT=$(UTBUILD)/imgbox $(UTBUILD)/imgbox >/dev/null
+
+check: $(OUT) $(SANBUILD)/imgbox $(UNIT_BINS) $(TSANBUILD)/imgbox untrusted-build
 	@REL_BIN=$(OUT) SAN_BIN=$(SANBUILD)/imgbox UNIT_DIR=$(SANBUILD)/unit \
-		TSAN_BIN=$(TSANBUILD)/imgbox bash tests/check.sh
+		TSAN_BIN=$(TSANBUILD)/imgbox \
+		UNTRUSTED_BIN=$(CURDIR)/$(UTBUILD)/imgbox bash tests/check.sh
 
 # ---- sizes, benchmarks, fuzzing ----
 size:
@@ -153,11 +162,11 @@ fuzz-smoke: $(GEN)/objs.mk
 	@GEN=$(GEN) bash fuzz/build.sh smoke
 
 clean:
-	rm -rf build/release build/san build/tsan build/tiny build/fuzz $(OUT)
+	rm -rf build/release build/san build/tsan build/tiny build/untrusted build/fuzz $(OUT)
 distclean: clean
 	rm -rf build include/generated .config .config.old
 
-.PHONY: all san tsan tsan-check check size demo bench fuzz fuzz-smoke clean \
+.PHONY: all san tsan tsan-check check untrusted-build size demo bench fuzz fuzz-smoke clean \
 	distclean \
 	defconfig oldconfig olddefconfig menuconfig savedefconfig
 .DELETE_ON_ERROR:
