@@ -2,7 +2,7 @@
  *
  * Taking, dropping or applying a snapshot changes the refcount of every
  * cluster the snapshot reaches and, with it, the OFLAG_COPIED flag of the
- * active tables that point to those clusters. qemu-img check counts a
+ * active tables that point to those clusters. QEMU's check counts a
  * flag that disagrees with its refcount as corruption, so changing the
  * two in place, one after the other, leaves a corrupt image behind a kill
  * that comes in between.
