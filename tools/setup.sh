@@ -9,7 +9,10 @@ PKGS=(build-essential musl-tools kconfig-frontends qemu-utils clang llvm
       # tests/install.test: the man page, the initramfs builders (dracut-core
       # installs beside initramfs-tools-core; the dracut package would not)
       groff-base man-db mandoc bsdextrautils cpio initramfs-tools-core
-      dracut-core)
+      dracut-core
+      # tests/callers.test: programs that run qemu-img
+      python3-oslo.utils cloud-image-utils genisoimage libvirt-daemon
+      libvirt-clients)
 
 missing=()
 for p in "${PKGS[@]}"; do
