@@ -10,6 +10,9 @@
 #   make bench           convert benchmark against qemu-img
 #   make fuzz            libFuzzer targets (clang)
 #   make fuzz-smoke      ... and a short run of each
+#   make install         binary, applet links, imgbox.1, initramfs-tools hook
+#                        and dracut module under $(DESTDIR)$(PREFIX)
+#   make uninstall       removes what install put there
 #   make clean | distclean
 
 CONFIG  ?= .config
@@ -135,6 +138,50 @@ check: $(OUT) $(SANBUILD)/imgbox $(UNIT_BINS) $(TSANBUILD)/imgbox untrusted-buil
 		TSAN_BIN=$(TSANBUILD)/imgbox \
 		UNTRUSTED_BIN=$(CURDIR)/$(UTBUILD)/imgbox bash tests/check.sh
 
+# ---- install ----
+# INSTALL_BIN is the binary installed (default the release one); the man
+# page is made from its own --help texts, so it must run on this machine.
+PREFIX  ?= /usr/local
+BINDIR  ?= $(PREFIX)/bin
+MANDIR  ?= $(PREFIX)/share/man
+INSTALL_BIN ?= $(OUT)
+MANPAGE ?= $(BUILD)/imgbox.1
+INITRAMFS_HOOKDIR ?= /usr/share/initramfs-tools/hooks
+DRACUT_MODDIR ?= /usr/lib/dracut/modules.d/90imgbox
+
+$(MANPAGE): $(INSTALL_BIN) tools/mkman.sh
+	@mkdir -p $(dir $@)
+	sh tools/mkman.sh $(INSTALL_BIN) > $@.tmp && mv $@.tmp $@
+man: $(MANPAGE)
+
+# The links are relative symlinks, one per applet the binary lists, the
+# set `imgbox --install -s` makes.
+install: $(INSTALL_BIN) $(MANPAGE)
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(MANDIR)/man1 \
+		$(DESTDIR)$(INITRAMFS_HOOKDIR) $(DESTDIR)$(DRACUT_MODDIR)
+	install -m 755 $(INSTALL_BIN) $(DESTDIR)$(BINDIR)/imgbox
+	for a in $$($(abspath $(INSTALL_BIN)) --list); do \
+		ln -sfn imgbox $(DESTDIR)$(BINDIR)/$$a || exit 1; done
+	install -m 644 $(MANPAGE) $(DESTDIR)$(MANDIR)/man1/imgbox.1
+	sed 's|@BINDIR@|$(BINDIR)|g' dist/initramfs-tools-hook \
+		> $(DESTDIR)$(INITRAMFS_HOOKDIR)/imgbox
+	chmod 755 $(DESTDIR)$(INITRAMFS_HOOKDIR)/imgbox
+	sed 's|@BINDIR@|$(BINDIR)|g' dist/dracut-module-setup.sh \
+		> $(DESTDIR)$(DRACUT_MODDIR)/module-setup.sh
+	chmod 755 $(DESTDIR)$(DRACUT_MODDIR)/module-setup.sh
+
+# The installed binary names its links; only those that still point to
+# imgbox are removed, and of the directories only the module's own.
+uninstall:
+	[ ! -x $(DESTDIR)$(BINDIR)/imgbox ] || \
+	for a in $$($(DESTDIR)$(BINDIR)/imgbox --list); do \
+		l=$(DESTDIR)$(BINDIR)/$$a; \
+		[ "$$(readlink $$l)" != imgbox ] || rm -f $$l; done
+	rm -f $(DESTDIR)$(BINDIR)/imgbox $(DESTDIR)$(MANDIR)/man1/imgbox.1 \
+		$(DESTDIR)$(INITRAMFS_HOOKDIR)/imgbox \
+		$(DESTDIR)$(DRACUT_MODDIR)/module-setup.sh
+	-rmdir $(DESTDIR)$(DRACUT_MODDIR) 2>/dev/null
+
 # ---- sizes, benchmarks, fuzzing ----
 size:
 	@$(MAKE) --no-print-directory $(OUT) >/dev/null
@@ -166,8 +213,8 @@ clean:
 distclean: clean
 	rm -rf build include/generated .config .config.old
 
-.PHONY: all san tsan tsan-check check untrusted-build size demo bench fuzz fuzz-smoke clean \
-	distclean \
+.PHONY: all san tsan tsan-check check untrusted-build size demo bench fuzz \
+	fuzz-smoke clean distclean install uninstall man \
 	defconfig oldconfig olddefconfig menuconfig savedefconfig
 .DELETE_ON_ERROR:
 

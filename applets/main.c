@@ -84,7 +84,11 @@ int main(int argc, char **argv)
 		if (!strcmp(argv[1], "--install"))
 			return install(argc - 2, argv + 2);
 		if (!strcmp(argv[1], "--version")) {
-			printf("imgbox %s (qemu-img %s compatible)\n",
+			/* the qemu-img applet's --version says the same
+			 * in qemu-img's form */
+			printf("imgbox %s (qemu-img %s compatible)\n"
+			       "imgbox: qemu-img's command line in a "
+			       "multi-call binary\n",
 			       IMGBOX_VERSION, QEMU_COMPAT_VERSION);
 			return 0;
 		}

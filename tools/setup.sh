@@ -5,7 +5,14 @@ set -euo pipefail
 
 PKGS=(build-essential musl-tools kconfig-frontends qemu-utils clang llvm
       dpkg-dev zlib1g-dev libaio-dev ca-certificates debian-archive-keyring
-      file libclang-rt-14-dev)
+      file libclang-rt-14-dev
+      # tests/install.test: the man page, the initramfs builders (dracut-core
+      # installs beside initramfs-tools-core; the dracut package would not)
+      groff-base man-db mandoc bsdextrautils cpio initramfs-tools-core
+      dracut-core
+      # tests/callers.test: programs that run qemu-img
+      python3-oslo.utils cloud-image-utils genisoimage libvirt-daemon
+      libvirt-clients)
 
 missing=()
 for p in "${PKGS[@]}"; do
