@@ -135,10 +135,50 @@ static int find(const struct sn_table *t, const char *id, const char *name)
 	return -1;
 }
 
-/* For apply and delete: the table of a writable image, read into t, and
- * the index of the entry (apply: id_or_name as an id, then as a name). */
+/* The L1 table of n entries at off, in host order, in *out. */
+static int read_l1(struct blk *bs, uint64_t off, uint32_t n, uint64_t **out)
+{
+	struct qcow2 *s = qcow2_state(bs);
+	uint8_t *b;
+	uint64_t *l1;
+	int ret;
+
+	*out = NULL;
+	if ((uint64_t)n * 8 > QCOW2_MAX_L1_BYTES)
+		return qcow2_set_errmsg(bs, -EFBIG, "Snapshot L1 table too "
+					"large");
+	/* transient: it must fit in what the image has left */
+	if (blk_meta_alloc(bs, (uint64_t)n * 8, "snapshot L1 table",
+			   NULL) < 0)
+		return -EFBIG;
+	blk_meta_free(bs, (uint64_t)n * 8);
+	if (n && (off & (s->cluster_size - 1) || !off))
+		return qcow2_set_errmsg(bs, -EINVAL, "Snapshot L1 table "
+					"offset invalid");
+	l1 = calloc(n ? n : 1, 8);
+	b = malloc(n ? (size_t)n * 8 : 1);
+	if (!l1 || !b) {
+		free(l1);
+		free(b);
+		return -ENOMEM;
+	}
+	ret = bfile_pread(bs->file, off, b, (size_t)n * 8);
+	for (uint32_t i = 0; i < n; i++)
+		l1[i] = ld_be64(b + (size_t)i * 8);
+	free(b);
+	if (ret < 0) {
+		free(l1);
+		return ret;
+	}
+	*out = l1;
+	return 0;
+}
+
+/* For apply and delete: the table of a writable image, read into t, the
+ * index of the entry (apply: id_or_name as an id, then as a name) and its
+ * L1 table in *l1. */
 static int table_find(struct blk *bs, struct sn_table *t, const char *id,
-		      const char *name, bool either)
+		      const char *name, bool either, uint64_t **l1)
 {
 	int ret, i;
 
@@ -151,7 +191,10 @@ static int table_find(struct blk *bs, struct sn_table *t, const char *id,
 	i = find(t, id, name);
 	if (i < 0 && either)
 		i = find(t, NULL, id);
-	return i < 0 ? -ENOENT : i;
+	if (i < 0)
+		return -ENOENT;
+	ret = read_l1(bs, t->ent[i].l1_offset, t->ent[i].l1_size, l1);
+	return ret < 0 ? ret : i;
 }
 
 /* Bytes one entry takes when written by emit(). */
@@ -486,44 +529,6 @@ out:
 
 /* ---- apply ---- */
 
-static int read_l1(struct blk *bs, uint64_t off, uint32_t n, uint64_t **out)
-{
-	struct qcow2 *s = qcow2_state(bs);
-	uint8_t *b;
-	uint64_t *l1;
-	int ret;
-
-	*out = NULL;
-	if ((uint64_t)n * 8 > QCOW2_MAX_L1_BYTES)
-		return qcow2_set_errmsg(bs, -EFBIG, "Snapshot L1 table too "
-					"large");
-	/* transient: it must fit in what the image has left */
-	if (blk_meta_alloc(bs, (uint64_t)n * 8, "snapshot L1 table",
-			   NULL) < 0)
-		return -EFBIG;
-	blk_meta_free(bs, (uint64_t)n * 8);
-	if (n && (off & (s->cluster_size - 1) || !off))
-		return qcow2_set_errmsg(bs, -EINVAL, "Snapshot L1 table "
-					"offset invalid");
-	l1 = calloc(n ? n : 1, 8);
-	b = malloc(n ? (size_t)n * 8 : 1);
-	if (!l1 || !b) {
-		free(l1);
-		free(b);
-		return -ENOMEM;
-	}
-	ret = bfile_pread(bs->file, off, b, (size_t)n * 8);
-	for (uint32_t i = 0; i < n; i++)
-		l1[i] = ld_be64(b + (size_t)i * 8);
-	free(b);
-	if (ret < 0) {
-		free(l1);
-		return ret;
-	}
-	*out = l1;
-	return 0;
-}
-
 /* The active tree becomes a new copy of the snapshot's L1 table (the
  * larger of the two sizes), the snapshot's tree gains a reference and
  * the old active tree loses one. */
@@ -537,7 +542,7 @@ int qcow2_snapshot_apply(struct blk *bs, const char *id_or_name,
 	uint32_t snn;
 	int i, ret;
 
-	i = ret = table_find(bs, &t, id_or_name, NULL, true);
+	i = ret = table_find(bs, &t, id_or_name, NULL, true, &snl1);
 	if (ret < 0)
 		goto out;
 	snn = t.ent[i].l1_size;
@@ -548,9 +553,6 @@ int qcow2_snapshot_apply(struct blk *bs, const char *id_or_name,
 				       "small for its disk size");
 		goto out;
 	}
-	ret = read_l1(bs, t.ent[i].l1_offset, snn, &snl1);
-	if (ret < 0)
-		goto out;
 	ret = qcow2_txn_begin(bs, &x);
 	if (ret < 0)
 		goto out;
@@ -597,14 +599,11 @@ int qcow2_snapshot_delete(struct blk *bs, const char *id, const char *name,
 	uint32_t n;
 	int i, ret;
 
-	i = ret = table_find(bs, &t, id, name, false);
+	i = ret = table_find(bs, &t, id, name, false, &l1);
 	if (ret < 0)
 		goto out;
 	l1off = t.ent[i].l1_offset;
 	n = t.ent[i].l1_size;
-	ret = read_l1(bs, l1off, n, &l1);
-	if (ret < 0)
-		goto out;
 	ret = qcow2_txn_begin(bs, &x);
 	if (!ret)
 		ret = qcow2_txn_ref_tree(&x, l1, n, -1);
