@@ -2,7 +2,8 @@
 #   make                 static musl release binary ./imgbox (configs/defconfig)
 #   make san             glibc build with ASan+UBSan: $(SANBUILD)/imgbox
 #   make tsan            glibc build with ThreadSanitizer: $(TSANBUILD)/imgbox
-#   make check           unit + applet tests against both builds, TSan stress
+#   make check           unit + applet tests against both builds, TSan stress,
+#                        every fuzz target for FUZZ_TIME s (20)
 #   make tsan-check      only the TSan stress (tests/tsan.sh)
 #   make defconfig | tiny_defconfig | oldconfig | menuconfig
 #   make size            binary size of each shipped configuration
@@ -124,7 +125,7 @@ $(SANBUILD)/unit/%: tests/unit/%.c $(LIB_SAN_OBJS)
 
 check: $(OUT) $(SANBUILD)/imgbox $(UNIT_BINS) $(TSANBUILD)/imgbox
 	@REL_BIN=$(OUT) SAN_BIN=$(SANBUILD)/imgbox UNIT_DIR=$(SANBUILD)/unit \
-		TSAN_BIN=$(TSANBUILD)/imgbox bash tests/check.sh
+		TSAN_BIN=$(TSANBUILD)/imgbox FUZZ_GEN=$(GEN) bash tests/check.sh
 
 # ---- sizes, benchmarks, fuzzing ----
 size:
