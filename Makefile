@@ -2,7 +2,8 @@
 #   make                 static musl release binary ./imgbox (configs/defconfig)
 #   make san             glibc build with ASan+UBSan: $(SANBUILD)/imgbox
 #   make tsan            glibc build with ThreadSanitizer: $(TSANBUILD)/imgbox
-#   make check           unit + applet tests against both builds, TSan stress
+#   make check           unit + applet tests against both builds, TSan stress,
+#                        every fuzz target for FUZZ_TIME s (20)
 #   make tsan-check      only the TSan stress (tests/tsan.sh)
 #   make defconfig | tiny_defconfig | oldconfig | menuconfig
 #   make size            binary size of each shipped configuration
@@ -136,7 +137,8 @@ untrusted-build:
 check: $(OUT) $(SANBUILD)/imgbox $(UNIT_BINS) $(TSANBUILD)/imgbox untrusted-build
 	@REL_BIN=$(OUT) SAN_BIN=$(SANBUILD)/imgbox UNIT_DIR=$(SANBUILD)/unit \
 		TSAN_BIN=$(TSANBUILD)/imgbox \
-		UNTRUSTED_BIN=$(CURDIR)/$(UTBUILD)/imgbox bash tests/check.sh
+		UNTRUSTED_BIN=$(CURDIR)/$(UTBUILD)/imgbox FUZZ_GEN=$(GEN) \
+		bash tests/check.sh
 
 # ---- install ----
 # INSTALL_BIN is the binary installed (default the release one); the man

@@ -143,7 +143,7 @@ int convert_main(int argc, char **argv)
 	uint64_t total = 0, sparse = CONVERT_DEFAULT_SPARSE, rate = 0;
 	int i = opts_parse(argc, argv), nsrc, src_cache, tgt_cache, ret;
 	unsigned sflags;
-	bool skip_create = HAS(n), created = false;
+	bool skip_create = HAS(n), created = false, is_new = false;
 	char num[32];
 
 	signal(SIGUSR1, on_usr1);	/* never the default: it kills */
@@ -241,8 +241,9 @@ int convert_main(int argc, char **argv)
 			    "format");
 		base = bf && bf[0] ? bf : NULL;
 
-		/* From here on a failure removes what this run created. */
-		cleanup_file(out_name);
+		/* From here on a failure removes the output if this run
+		 * created it; one that existed is left, as qemu-img does. */
+		is_new = cleanup_new_file(out_name);
 		ret = blk_create(out_fmt, out_name, &ol, &e);
 		if (ret < 0) {
 			struct stat st;
@@ -309,9 +310,11 @@ int convert_main(int argc, char **argv)
 	if (ret < 0) {
 		progress_end();
 		blk_close(tgt);
-		if (created)
+		if (is_new)
 			die("%s\n%s: removed the incomplete output '%s'",
 			    e.msg, progname, out_name);
+		if (created)
+			die("%s", e.msg);
 		die("%s\n%s: the target '%s' (-n) was left as it is",
 		    e.msg, progname, out_name);
 	}

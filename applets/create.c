@@ -120,9 +120,13 @@ int create_main(int argc, char **argv)
 	}
 	if (!HAS(q))
 		print_formatting(filename, fmt, &ol);
+	cleanup_new_file(filename);
 	ret = blk_create(fmt, filename, &ol, &e);
 	optlist_free(&ol);
+	if (ret < 0 && !create_failed_writing(ret))
+		cleanup_cancel();
 	if (ret < 0)
 		die("%s: %s", filename, e.msg[0] ? e.msg : strerror(-ret));
+	cleanup_cancel();
 	return 0;
 }

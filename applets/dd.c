@@ -131,8 +131,11 @@ int dd_main(int argc, char **argv)
 		 ALIGN_UP((uint64_t)(skip_too_far ? 0 : size - skip * bs),
 			  512));
 	optlist_set(&ol, "size", num);
+	cleanup_new_file(out_name);
 	ret = blk_create(out_fmt, out_name, &ol, &e);
 	optlist_free(&ol);
+	if (ret < 0 && !create_failed_writing(ret))
+		cleanup_cancel();
 	if (ret < 0)
 		die("%s: error while creating output image: %s", out_name,
 		    e.msg[0] ? e.msg : strerror(-ret));
@@ -170,8 +173,15 @@ int dd_main(int argc, char **argv)
 		in_pos += (int64_t)n;
 		out_pos += (int64_t)n;
 	}
+	/* cached metadata goes out now, where a failure can be told */
+	if (ret >= 0 && (ret = blk_flush(out)) < 0)
+		msg("error while writing to output image file: %s",
+		    strerror(-ret));
 	free(buf);
 	blk_close(in);
 	blk_close(out);
-	return ret < 0;
+	if (ret < 0)
+		die_exit(1);	/* removes the output if this run made it */
+	cleanup_cancel();
+	return 0;
 }

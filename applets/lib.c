@@ -1,7 +1,9 @@
 /* lib.c - what every applet shares: messages, dying with cleanup, option
  * parsing from the applet's generated option strings, sizes. */
+#include <errno.h>
 #include <getopt.h>
 #include <stdarg.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #include <time.h>
 #include "imgbox.h"
@@ -75,6 +77,16 @@ void cleanup_file(const char *path)
 {
 	free(cleanup_path);
 	cleanup_path = path ? strdup(path) : NULL;
+}
+
+bool cleanup_new_file(const char *path)
+{
+	struct stat st;
+
+	if (lstat(path, &st) == 0 || errno != ENOENT)
+		return false;
+	cleanup_file(path);
+	return true;
 }
 
 void cleanup_cancel(void)

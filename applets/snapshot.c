@@ -108,6 +108,8 @@ int snapshot_main(int argc, char **argv)
 		/* qemu-img records an icount of 0 */
 		sn.icount_valid = 1;
 		ret = blk_snapshot_create(bs, &sn, &e);
+		if (!ret)
+			ret = blk_flush(bs);
 		if (ret < 0)
 			msg("Could not create snapshot '%s': %d (%s)", name,
 			    ret, strerror(-ret));
@@ -121,6 +123,8 @@ int snapshot_main(int argc, char **argv)
 			    "not support snapshots", name);
 		} else {
 			ret = blk_snapshot_apply(bs, name, &e);
+			if (!ret)
+				ret = blk_flush(bs);
 			if (ret < 0)
 				msg("Could not apply snapshot '%s': Failed to "
 				    "load snapshot: %s", name, strerror(-ret));
@@ -138,6 +142,8 @@ int snapshot_main(int argc, char **argv)
 			    "found", name);
 		} else {
 			ret = blk_snapshot_delete(bs, list[k].id, name, &e);
+			if (!ret)
+				ret = blk_flush(bs);
 			if (ret < 0 && e.msg[0])
 				msg("Could not delete snapshot '%s': %s: %s",
 				    name, e.msg, strerror(-ret));

@@ -42,29 +42,55 @@
 
 /* ---- fault injection: IMGBOX_FAULT=op:errno:n[,op:errno:n...] makes the
  * n-th (1-based) and every later call of op (read, write, flush, trunc,
- * lock: taking a lock byte) fail with errno. Tests use it for ENOSPC and EIO paths. A copy inside
- * the kernel counts as a read and a write; a request in flight fails when
- * it completes, as a real transfer error would. In place of errno, "kill"
+ * lock: taking a lock byte) fail with errno. Tests use it for ENOSPC and
+ * EIO paths. A copy inside the kernel counts as a read and a write; a
+ * request in flight fails when it completes, as a real transfer error
+ * would. In place of errno, "kill"
  * makes the n-th call kill the process with SIGKILL before it does
  * anything, as an outside kill between two calls would: the crash-safety
- * sweeps stop a command after each of its writes in turn. */
+ * sweeps stop a command after each of its writes in turn.
+ * IMGBOX_FAULT_COUNT=FILE writes the number of calls of each op to FILE
+ * at exit ("write 12"), so that a sweep knows how far to go. */
 enum { F_READ, F_WRITE, F_FLUSH, F_TRUNC, F_LOCKBYTE, F_NR };
 #define F_KILL	(-1)
+static const char *const fault_names[F_NR] = { "read", "write", "flush",
+					       "trunc", "lock" };
 static struct {
 	int init;
+	const char *count_file;
 	int err[F_NR];
 	long after[F_NR];
 	atomic_long count[F_NR];
 } fault;
 
+static void fault_count_write(void)
+{
+	char buf[128];
+	int fd, len = 0;
+
+	fd = open(fault.count_file, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC,
+		  0644);
+	if (fd < 0)
+		return;
+	for (int i = 0; i < F_NR; i++)
+		len += snprintf(buf + len, sizeof(buf) - len, "%s %ld\n",
+				fault_names[i], (long)fault.count[i]);
+	if (write(fd, buf, len) != len)
+		len = 0;
+	close(fd);
+}
+
 static void fault_parse(void)
 {
-	static const char *const names[F_NR] = { "read", "write", "flush",
-						 "trunc", "lock" };
 	const char *s = getenv("IMGBOX_FAULT");
 	char buf[256], *save = NULL, *tok;
 
 	fault.init = 1;
+	fault.count_file = getenv("IMGBOX_FAULT_COUNT");
+	if (fault.count_file && *fault.count_file)
+		atexit(fault_count_write);
+	else
+		fault.count_file = NULL;
 	if (!s)
 		return;
 	snprintf(buf, sizeof(buf), "%s", s);
@@ -77,7 +103,7 @@ static void fault_parse(void)
 			   &n) != 3)
 			continue;
 		for (int i = 0; i < F_NR; i++)
-			if (!strcmp(name, names[i])) {
+			if (!strcmp(name, fault_names[i])) {
 				fault.err[i] = strcmp(what, "kill") ?
 					       atoi(what) : F_KILL;
 				fault.after[i] = n;
@@ -91,9 +117,10 @@ static int fault_hit(int op)
 		return 0;
 	if (!fault.init)
 		fault_parse();
-	if (!fault.err[op])
+	if (!fault.err[op] && !fault.count_file)
 		return 0;
-	if (atomic_fetch_add(&fault.count[op], 1) + 1 < fault.after[op])
+	if (atomic_fetch_add(&fault.count[op], 1) + 1 < fault.after[op] ||
+	    !fault.err[op])
 		return 0;
 	if (fault.err[op] == F_KILL)
 		raise(SIGKILL);

@@ -230,8 +230,10 @@ static int vdi_lookup(struct blk *bs, uint64_t off, uint64_t len,
 }
 
 /* Give block idx a data block at the end of the data area: the whole
- * block is written (zeroes around the new data) before the map entry and
- * the header's allocation count point at it. */
+ * block is written (zeroes around the new data), then the header's
+ * allocation count, then the map entry. A failure between the last two
+ * leaves a block counted but unused (check calls it a mismatch); the
+ * other order would hand the block out again after a reopen. */
 static int vdi_allocate(struct blk *bs, uint64_t off, const uint8_t *data,
 			struct fmt_run *r)
 {
@@ -258,14 +260,17 @@ static int vdi_allocate(struct blk *bs, uint64_t off, const uint8_t *data,
 	}
 	if (ret < 0)
 		return ret;
+	st_le32(le, entry + 1);
+	ret = bfile_pwrite(bs->file, VDI_BLOCKS_ALLOCATED, le, 4);
+	if (ret < 0)
+		return ret;
+	s->allocated = entry + 1;
 	st_le32(le, entry);
 	ret = bfile_pwrite(bs->file, s->bmap_off + idx * 4, le, 4);
 	if (ret < 0)
 		return ret;
 	s->bmap[idx] = entry;
-	s->allocated = entry + 1;
-	st_le32(le, s->allocated);
-	return bfile_pwrite(bs->file, VDI_BLOCKS_ALLOCATED, le, 4);
+	return 0;
 }
 
 static const struct fmt_map vdi_map = {

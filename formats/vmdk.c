@@ -1512,7 +1512,7 @@ static int init_extent(struct bfile *f, uint64_t size, bool flat,
 		goto ioerr;
 	return 0;
 ioerr:
-	err_set(e, "Input/output error");
+	err_set(e, "%s", strerror(-ret));
 	return ret;
 }
 

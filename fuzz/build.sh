@@ -5,6 +5,10 @@
 #                                 $GEN/formats.h, plus $OUT/fuzz_probe (format
 #                                 guessed by probing), and seed $OUT/corpus/*
 #   bash fuzz/build.sh smoke      build, then run each target briefly
+#   bash fuzz/build.sh ci         build, then run each target for
+#                                 FUZZ_TIME s (20) from the seeds alone; one
+#                                 PASS/FAIL line per target and a total
+#                                 line (tests/check.sh counts it)
 #   bash fuzz/build.sh run FMT [LIBFUZZER ARGS...]
 #                                 build, then fuzz one format until stopped
 #
@@ -24,6 +28,7 @@ QEMU_IMG=${QEMU_IMG:-qemu-img}
 QEMU_IO=${QEMU_IO:-qemu-io}
 SMOKE_RUNS=${SMOKE_RUNS:-2000}
 SMOKE_TIME=${SMOKE_TIME:-20}
+FUZZ_TIME=${FUZZ_TIME:-20}
 SEED_MAX=$((4 << 20))
 MODE=${1:-build}
 
@@ -223,6 +228,27 @@ smoke)
 	[ -z "$failed" ] || die "crashes in:$failed (see $OUT/artifacts)"
 	echo "fuzz smoke: all targets ran clean ($FORMATS)" | tr '\n' ' '
 	echo
+	;;
+ci)
+	# a crash, a sanitizer report, a leak or a timeout fails the target;
+	# inputs found earlier (work/) are left out, so every run starts alike
+	pass=0 fail=0
+	for fmt in $FORMATS; do
+		rm -rf "$OUT/work/$fmt"
+		mkdir -p "$OUT/work/$fmt"
+		if run_one "$fmt" -max_total_time="$FUZZ_TIME" \
+			> "$OUT/ci-$fmt.log" 2>&1; then
+			echo "PASS: fuzz: $fmt ($FUZZ_TIME s)"
+			pass=$((pass + 1))
+		else
+			echo "FAIL: fuzz: $fmt (see $OUT/ci-$fmt.log, $OUT/artifacts)"
+			grep -m1 -A12 'ERROR: \|runtime error' "$OUT/ci-$fmt.log" |
+				sed 's/^/  /'
+			fail=$((fail + 1))
+		fi
+	done
+	echo "$pass passed, $fail failed"
+	[ "$fail" -eq 0 ]
 	;;
 run)
 	[ $# -ge 2 ] || die "usage: fuzz/build.sh run FMT [ARGS...]"

@@ -68,6 +68,15 @@ NORETURN void die_usage(const char *fmt, ...) PRINTF(1, 2);
 NORETURN void die_exit(int code);	/* runs the cleanup hook, exits */
 /* A file this command created, removed if the command dies. */
 void cleanup_file(const char *path);
+/* The same for a file that does not exist yet (lstat: ENOENT): one that
+ * existed before the command is never removed. True if registered. */
+bool cleanup_new_file(const char *path);
+/* A failed create: a failed write (true) removes the new file, a refused
+ * option leaves it empty, as qemu-img does. */
+static inline bool create_failed_writing(int ret)
+{
+	return ret == -EIO || ret == -ENOSPC || ret == -EDQUOT;
+}
 void cleanup_cancel(void);
 void print_usage(const struct applet *a, FILE *f);
 void qemu_img_help(void);

@@ -2,7 +2,10 @@
 # check.sh - what `make check` runs: C unit tests (sanitizer build), then the
 # applet tests twice, against the ASan/UBSan build and the static release
 # binary, each installed as a link named qemu-img; with TSAN_BIN, the
-# ThreadSanitizer stress (tests/tsan.sh) too. Prints one total line.
+# ThreadSanitizer stress (tests/tsan.sh) too; with FUZZ_GEN (the generated
+# headers of the build), every libFuzzer target for FUZZ_TIME s (20; 0
+# leaves it out) from the committed and generated seeds, each a test that
+# a crash or leak fails. Prints one total line.
 set -u
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -66,6 +69,16 @@ for name in "${variants[@]}"; do
 	cat "$links/$name.log"
 	count "$links/$name.log"
 done
+
+# the fuzz targets after the applet tests, so that they do not slow
+# those down (each .test file has a time limit)
+if [ -n "${FUZZ_GEN:-}" ] && [ "${FUZZ_TIME:-20}" != 0 ]; then
+	echo "== fuzz targets (${FUZZ_TIME:-20} s each)"
+	GEN=$FUZZ_GEN FUZZ_TIME=${FUZZ_TIME:-20} bash fuzz/build.sh ci \
+		> "$links/fuzz.log" 2>&1
+	grep -v '^  FUZZ' "$links/fuzz.log"
+	count "$links/fuzz.log"
+fi
 
 echo
 if [ $skip -gt 0 ]; then
