@@ -45,10 +45,10 @@
  * lock: taking a lock byte) fail with errno. Tests use it for ENOSPC and
  * EIO paths. A copy inside the kernel counts as a read and a write; a
  * request in flight fails when it completes, as a real transfer error
- * would. In place of errno, "kill"
- * makes the n-th call kill the process with SIGKILL before it does
- * anything, as an outside kill between two calls would: the crash-safety
- * sweeps stop a command after each of its writes in turn.
+ * would. In place of errno, "kill" makes the n-th call kill the process
+ * with SIGKILL before it does anything, as an outside kill between two
+ * calls would: the crash-safety sweeps stop a command after each of its
+ * writes in turn.
  * IMGBOX_FAULT_COUNT=FILE writes the number of calls of each op to FILE
  * at exit ("write 12"), so that a sweep knows how far to go. */
 enum { F_READ, F_WRITE, F_FLUSH, F_TRUNC, F_LOCKBYTE, F_NR };
@@ -75,8 +75,7 @@ static void fault_count_write(void)
 	for (int i = 0; i < F_NR; i++)
 		len += snprintf(buf + len, sizeof(buf) - len, "%s %ld\n",
 				fault_names[i], (long)fault.count[i]);
-	if (write(fd, buf, len) != len)
-		len = 0;
+	(void)!write(fd, buf, len);
 	close(fd);
 }
 

@@ -47,6 +47,18 @@ static void table_free(struct sn_table *t)
 
 /* Reads the snapshot table the header points to, entry by entry, with
  * the same limits as open. */
+/* r describes the entry at raw; returns the bytes it takes. */
+static uint64_t ent_parse(struct sn_raw *r, const uint8_t *raw)
+{
+	r->raw = raw;
+	r->l1_offset = ld_be64(raw);
+	r->l1_size = ld_be32(raw + 8);
+	r->idl = ld_be16(raw + 12);
+	r->nml = ld_be16(raw + 14);
+	r->extra = ld_be32(raw + 36);
+	return ALIGN_UP(40ULL + r->extra + r->idl + r->nml, 8);
+}
+
 static int table_read(struct blk *bs, struct sn_table *t)
 {
 	struct qcow2 *s = qcow2_state(bs);
@@ -87,22 +99,14 @@ static int table_read(struct blk *bs, struct sn_table *t)
 				  nb + pos + 40, len - 40);
 		if (ret < 0)
 			return ret;
-		t->ent[i].extra = extra;
-		t->ent[i].idl = idl;
-		t->ent[i].nml = nml;
-		t->ent[i].l1_offset = ld_be64(h);
-		t->ent[i].l1_size = ld_be32(h + 8);
 		pos += len;
 	}
 	t->len = pos;
 	t->n = s->nb_snapshots;
 	/* pointers only once the buffer stops moving */
 	pos = 0;
-	for (uint32_t i = 0; i < t->n; i++) {
-		t->ent[i].raw = t->buf + pos;
-		pos += ALIGN_UP(40ULL + t->ent[i].extra + t->ent[i].idl +
-				t->ent[i].nml, 8);
-	}
+	for (uint32_t i = 0; i < t->n; i++)
+		pos += ent_parse(&t->ent[i], t->buf + pos);
 	return 0;
 }
 
@@ -316,16 +320,8 @@ static int table_adopt(struct blk *bs, struct sn_table *t, uint8_t *buf,
 		if (!t->ent)
 			return -ENOMEM;
 	}
-	for (uint32_t i = 0; i < n; i++) {
-		struct sn_raw *r = &t->ent[i];
-		r->raw = t->buf + pos;
-		r->extra = ld_be32(r->raw + 36);
-		r->idl = ld_be16(r->raw + 12);
-		r->nml = ld_be16(r->raw + 14);
-		r->l1_offset = ld_be64(r->raw);
-		r->l1_size = ld_be32(r->raw + 8);
-		pos += emit_len(r);
-	}
+	for (uint32_t i = 0; i < n; i++)
+		pos += ent_parse(&t->ent[i], t->buf + pos);
 	t->n = n;
 	return refresh_list(bs, t);
 }

@@ -138,6 +138,10 @@ fail:
 
 void qcow2_txn_free(struct qcow2_txn *t)
 {
+	if (t->bs)
+		blk_meta_free(t->bs, t->blocks *
+			      qcow2_state(t->bs)->cluster_size);
+	t->blocks = t->nb = 0;
 	free(t->rc);
 	free(t->dirty);
 	free(t->l1);
